@@ -1,0 +1,34 @@
+# One entry point for setup, the demo, the tests and the benchmarks. Everything runs from a
+# project-local virtual environment (.venv) that `make setup` creates on first use.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+# On a CUDA machine: make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX="<your CUDA wheel index>".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_QUIET ?= -q
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) -m pip install $(PIP_QUIET) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/brigade demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/decode_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,5 @@
+"""`python -m brigade ...` runs the same CLI as the `brigade` console script."""
+
+from brigade.cli import app
+
+app(prog_name="brigade")

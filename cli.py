@@ -1,0 +1,22 @@
+"""The one `brigade` command: gathers the subcommands each package defines."""
+
+from __future__ import annotations
+
+import os
+
+# Peers and clients on one machine take turns on its cores: idle OpenMP threads must sleep, not
+# spin. This only works before torch loads OpenMP, hence here, before any other import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer
+
+from brigade.client.cli import generate
+from brigade.demo import demo
+from brigade.peer.cli import app as peer_app
+from brigade.routing.cli import dht
+
+app = typer.Typer(help="brigade: run large language models across a swarm of peers.", no_args_is_help=True)
+app.add_typer(peer_app, name="peer")
+app.command()(dht)
+app.command()(generate)
+app.command()(demo)

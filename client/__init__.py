@@ -1,0 +1,6 @@
+"""What users import: the distributed model and its configuration."""
+
+from brigade.client.config import ClientConfig
+from brigade.client.model import DistributedModelForCausalLM
+
+__all__ = ["ClientConfig", "DistributedModelForCausalLM"]

@@ -1,0 +1,18 @@
+"""The one configuration of a client; ``from_pretrained`` keyword arguments override its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to bootstrap from
+    model_name: str | None = None  # DHT name of the model; derived from the model path when None
+    step_timeout_s: float = 30.0  # deadline for one hop's answer to one step
+    open_timeout_s: float = 30.0  # deadline for a hop to open a session
+    route_wait_s: float = 30.0  # how long to wait for every layer to have a live peer
+    records_max_age_s: float = 2.0  # reuse a DHT read this recent instead of asking again
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
+    wire_dtype: str = "float32"  # dtype of activations on the wire (float32 keeps results exact)
+    dht_startup_timeout_s: float = 30.0  # bound on starting the client's DHT node

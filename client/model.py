@@ -1,0 +1,213 @@
+"""``DistributedModelForCausalLM``: a causal LM whose decoder layers run on the swarm.
+
+The client holds the embeddings, final norm and LM head; everything between goes through a
+route of peers. ``generate`` mirrors transformers' (greedy and sampling, batches with left
+padding, EOS handling) so the same call gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.modeling_outputs import CausalLMOutput
+
+from brigade.client.config import ClientConfig
+from brigade.client.loop import LoopThread
+from brigade.client.remote import RemoteSwarm
+from brigade.client.sampling import SamplingParams, TokenChooser
+from brigade.client.session import InferenceSession
+from brigade.kernels.checkpoint import resolve_config_folder
+from brigade.kernels.loading import load_config, load_head
+from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.errors import from_status
+from brigade.protocol.records import model_name_for
+from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+def left_pad_lengths(attention_mask: torch.Tensor) -> list[int]:
+    """Left padding per row; refuses masks with holes or right padding, which would change results."""
+    mask = attention_mask.to(torch.long)
+    pads = (mask.cumsum(dim=1) == 0).sum(dim=1)
+    valid = torch.arange(mask.shape[1])[None, :] >= pads[:, None]
+    if not torch.equal(mask.bool(), valid):
+        raise ValueError(
+            "attention_mask must be left-padded (zeros first, then ones); set tokenizer.padding_side='left'"
+        )
+    if bool((pads >= mask.shape[1]).any()):
+        raise ValueError("every sequence needs at least one token")
+    return pads.tolist()
+
+
+class DistributedModelForCausalLM:
+    """Use like a transformers causal LM; call ``close()`` (or use ``with``) when done."""
+
+    def __init__(self, model: str, config: Any, head: Any, client_config: ClientConfig, model_name: str):
+        self.model_path = model
+        self.config = config
+        self.head = head
+        self.client_config = client_config
+        self.model_name = model_name
+        self.generation_config = _generation_config(model)
+        self.last_route: list[str] = []
+        self._loop = LoopThread()
+        self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        initial_peers: list[str] | tuple[str, ...] = (),
+        *,
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+        **client_options: Any,
+    ) -> DistributedModelForCausalLM:
+        """Loads only the embeddings, final norm and LM head of ``model``, and joins the swarm."""
+        config = load_config(model, revision)
+        head = load_head(model, dtype=dtype, revision=revision, config=config)
+        client_config = replace(ClientConfig(), initial_peers=tuple(initial_peers), **client_options)
+        name = client_config.model_name or model_name_for(model)
+        instance = cls(model, config, head, client_config, name)
+        try:
+            instance._loop.run(instance.swarm.start(), client_config.dht_startup_timeout_s + 10)
+        except BaseException:
+            instance._loop.close()
+            raise
+        return instance
+
+    # -- plain forward -------------------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """Full-sequence logits [B, T, V], like a transformers model's forward."""
+        pads = left_pad_lengths(attention_mask) if attention_mask is not None else [0] * input_ids.shape[0]
+        hidden = self.head.embed(input_ids)
+        hidden = self._loop.run(self._forward_remote(hidden, pads))
+        return CausalLMOutput(logits=self.head.logits(hidden))
+
+    async def _forward_remote(self, hidden: torch.Tensor, pads: list[int]) -> torch.Tensor:
+        route = await self.swarm.route(0, self.config.num_hidden_layers)
+        wire = WIRE_DTYPES[self.client_config.wire_dtype]
+        for hop in route:
+            request = pb.ForwardRequest(
+                start_layer=hop.start, end_layer=hop.end, hidden=encode(hidden, wire), pad_lengths=pads
+            )
+            try:
+                response = await self.swarm.stub(hop.peer.address).Forward(
+                    request, timeout=self.client_config.step_timeout_s
+                )
+            except Exception as error:  # grpc.aio.AioRpcError carries the peer's status
+                if hasattr(error, "code"):
+                    raise from_status(error.code(), error.details() or "") from error
+                raise
+            hidden = decode(response.hidden)
+        self.last_route = [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in route]
+        return hidden
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        streamer: Any | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Prompt plus new tokens [B, T + n], as transformers' generate returns them."""
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        columns = []
+        for tokens in self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options):
+            columns.append(tokens[:, None])
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([input_ids, *columns], dim=1)
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yields each step's new tokens [B] as soon as they are chosen."""
+        defaults = self.generation_config
+        params = SamplingParams(
+            do_sample=bool(defaults.do_sample if do_sample is None else do_sample),
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_k=defaults.top_k if top_k is None else top_k,
+            top_p=defaults.top_p if top_p is None else top_p,
+        )
+        choose = TokenChooser(params)
+        eos = _as_list(defaults.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else defaults.pad_token_id
+        if pad is None and eos:
+            pad = eos[0]
+        if max_new_tokens < 1:
+            return
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        pads = left_pad_lengths(mask)
+        max_length = input_ids.shape[1] + max_new_tokens
+        session = InferenceSession(self.swarm, input_ids.shape[0], max_length, pads)
+        run = self._loop.run
+        run(session.open())
+        self.last_route = [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in session.route]
+        try:
+            sequences = input_ids
+            unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+            hidden = self.head.embed(input_ids)
+            for _ in range(max_new_tokens):
+                out = run(session.step(hidden))
+                tokens = choose(sequences, self.head.logits(out[:, -1]))
+                if eos:
+                    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+                    unfinished &= ~torch.isin(tokens, torch.tensor(eos))
+                sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+                yield tokens
+                if not bool(unfinished.any()):
+                    break
+                hidden = self.head.embed(tokens[:, None])
+        finally:
+            run(session.close(), 10.0)
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self.swarm.close(), 30.0)
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _generation_config(model: str) -> GenerationConfig:
+    try:
+        return GenerationConfig.from_pretrained(resolve_config_folder(model))
+    except OSError:
+        return GenerationConfig()
+

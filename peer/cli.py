@@ -1,0 +1,72 @@
+"""`brigade peer run`: host a span of a model's layers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from brigade.peer.config import PeerConfig
+
+app = typer.Typer(help="Run a peer that hosts a span of a model's layers.", no_args_is_help=True)
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """``"0:12"`` -> ``(0, 12)``: half-open, like everywhere else in brigade."""
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError as e:
+        raise typer.BadParameter(f"expected START:END such as 0:12, got {text!r}") from e
+    if not 0 <= start < end:
+        raise typer.BadParameter(f"expected 0 <= START < END, got {text!r}")
+    return start, end
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Local checkpoint folder or Hugging Face repo id.")],
+    layers: Annotated[str, typer.Option(help="Half-open span of layers to host, START:END.")],
+    initial_peers: Annotated[list[str], typer.Option("--initial-peers", help="DHT multiaddr(s) to join.")],
+    port: Annotated[int, typer.Option(help="gRPC port (0 = any free port).")] = 0,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    announce_host: Annotated[str | None, typer.Option(help="Address clients dial (default: --host).")] = None,
+    dht_listen: Annotated[list[str] | None, typer.Option(help="DHT listen multiaddr(s).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    model_name: Annotated[str | None, typer.Option(help="Name in the DHT (default: repo id or folder name).")] = None,
+    identity: Annotated[str | None, typer.Option(help="Ed25519 key file; created on first run.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of the checkpoint.")] = None,
+    cache_tokens: Annotated[int, typer.Option(help="KV cache pool size in positions.")] = 16384,
+    num_threads: Annotated[int | None, typer.Option(help="torch threads for compute.")] = None,
+    announce_period: Annotated[float, typer.Option(help="Seconds between DHT record refreshes.")] = 10.0,
+    record_ttl: Annotated[float, typer.Option(help="Seconds a record lives without refresh.")] = 30.0,
+    drain_grace: Annotated[float, typer.Option(help="Seconds open sessions may finish on SIGTERM.")] = 20.0,
+) -> None:
+    """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    start, end = parse_layers(layers)
+    config = PeerConfig(
+        model=model,
+        start_layer=start,
+        end_layer=end,
+        initial_peers=tuple(initial_peers),
+        model_name=model_name,
+        host=host,
+        port=port,
+        announce_host=announce_host,
+        dht_listen=tuple(dht_listen) if dht_listen else PeerConfig.dht_listen,
+        identity_path=identity,
+        dtype=dtype,
+        device=device,
+        revision=revision,
+        num_threads=num_threads,
+        cache_tokens=cache_tokens,
+        announce_period_s=announce_period,
+        record_ttl_s=record_ttl,
+        drain_grace_s=drain_grace,
+    )
+    from brigade.peer.server import main
+
+    main(config)

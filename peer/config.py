@@ -1,0 +1,38 @@
+"""The one configuration of a peer process; the CLI builds it, everything else reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    model: str  # local folder or Hugging Face repo id
+    start_layer: int  # first hosted layer (inclusive)
+    end_layer: int  # last hosted layer (exclusive)
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to bootstrap from
+    model_name: str | None = None  # DHT name of the model; derived from `model` when None
+    host: str = "127.0.0.1"  # interface the gRPC server binds
+    port: int = 0  # gRPC port; 0 = any free port
+    announce_host: str | None = None  # address clients should dial; defaults to `host`
+    dht_listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs the DHT node listens on
+    identity_path: str | None = None  # Ed25519 key file; a fresh key each run when None
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    revision: str | None = None  # Hub revision of the checkpoint
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    cache_tokens: int = 16384  # KV cache pool size, in positions (one sequence, all hosted layers)
+    cache_page_tokens: int = 64  # allocation granule of the pool, in positions
+    max_batch_size: int = 64  # sequences per session
+    max_session_length: int = 8192  # positions per sequence a session may ask for
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
+    max_tensor_bytes: int = 48 * 1024 * 1024  # one decoded tensor, checked before allocation
+    session_idle_timeout_s: float = 300.0  # a stream silent this long is closed and its cache freed
+    announce_period_s: float = 10.0  # seconds between record refreshes
+    record_ttl_s: float = 30.0  # records expire this long after their last refresh
+    drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
+    extra: dict[str, str] = field(default_factory=dict)  # reserved for forward-compatible options
+
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.start_layer

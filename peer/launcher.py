@@ -1,0 +1,167 @@
+"""Starting a local swarm in separate processes: a bootstrap DHT node and peers on 127.0.0.1.
+
+The demo and the test fixtures use this; each process writes to its own log file, and a
+process is ready when its log shows the ready line. Every wait is bounded and ``close`` stops
+everything it started, even when a start failed half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DHT_READY = "BRIGADE_DHT_READY"
+PEER_READY = "BRIGADE_PEER_READY"
+
+
+@dataclass
+class LaunchedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    info: dict[str, object] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Idle OpenMP workers must sleep, not spin: peers of one machine take turns on the same cores.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class LocalSwarm:
+    """A bootstrap node plus peers, each its own ``python -m brigade ...`` process."""
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, peer_threads: int | None = None):
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="brigade-swarm-"))
+        self.peer_threads = peer_threads
+        self.bootstrap: LaunchedProcess | None = None
+        self.peers: list[LaunchedProcess] = []
+        self.initial_peers: list[str] = []
+
+    def _spawn(self, name: str, args: list[str], threads: int | None = None) -> LaunchedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "brigade", *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(threads),
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop children in order
+        )
+        log_file.close()
+        return LaunchedProcess(name, process, log_path)
+
+    def _wait_ready(self, launched: LaunchedProcess, mark: str, timeout_s: float) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in launched.log_path.read_text(errors="replace").splitlines():
+                if line.startswith(mark + " "):
+                    launched.info = json.loads(line[len(mark) + 1 :])
+                    return launched.info
+            if not launched.alive():
+                raise RuntimeError(f"{launched.name} exited early:\n{launched.log_tail()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{launched.name} was not ready within {timeout_s:.0f} s:\n{launched.log_tail()}")
+
+    def start_bootstrap(self, timeout_s: float = 60.0) -> list[str]:
+        self.bootstrap = self._spawn("bootstrap", ["dht"])
+        info = self._wait_ready(self.bootstrap, DHT_READY, timeout_s)
+        self.initial_peers = list(info["maddrs"])  # type: ignore[arg-type]
+        return self.initial_peers
+
+    def add_peer(
+        self,
+        model: str,
+        layers: tuple[int, int],
+        *,
+        extra_args: list[str] | None = None,
+        wait: bool = True,
+        timeout_s: float = 120.0,
+    ) -> LaunchedProcess:
+        """Starts a peer hosting ``layers`` of ``model``; waits for its ready line unless told not to."""
+        if not self.initial_peers:
+            raise RuntimeError("start the bootstrap node first")
+        args = ["peer", "run", model, "--layers", f"{layers[0]}:{layers[1]}"]
+        for maddr in self.initial_peers:
+            args += ["--initial-peers", maddr]
+        if self.peer_threads:
+            args += ["--num-threads", str(self.peer_threads)]
+        args += extra_args or []
+        launched = self._spawn(f"peer{len(self.peers)}-{layers[0]}-{layers[1]}", args, self.peer_threads)
+        self.peers.append(launched)
+        if wait:
+            self._wait_ready(launched, PEER_READY, timeout_s)
+        return launched
+
+    def wait_ready(self, launched: LaunchedProcess, timeout_s: float = 120.0) -> dict[str, object]:
+        return self._wait_ready(launched, PEER_READY, timeout_s)
+
+    def stop_peer(self, launched: LaunchedProcess, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        if launched.alive():
+            launched.process.send_signal(sig)
+            try:
+                launched.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                launched.process.kill()
+                launched.process.wait(10)
+
+    def close(self) -> None:
+        """Stops every process: peers first (SIGTERM, then SIGKILL after a short wait), then the bootstrap."""
+        everyone = [*self.peers, *([self.bootstrap] if self.bootstrap else [])]
+        for launched in everyone:
+            if launched.alive():
+                try:
+                    os.killpg(launched.process.pid, signal.SIGCONT)  # a SIGSTOPped peer must wake to die
+                except ProcessLookupError:
+                    pass
+                launched.process.terminate()
+        deadline = time.monotonic() + 10.0
+        for launched in everyone:
+            try:
+                launched.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for launched in everyone:
+            if launched.alive():
+                try:
+                    os.killpg(launched.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                launched.process.wait(10)
+        # hivemind leaves p2pd daemons in each child's session; make sure none outlives the swarm.
+        for launched in everyone:
+            try:
+                os.killpg(launched.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,188 @@
+"""The peer process's lifecycle: load the span, serve it over gRPC, announce it, drain on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import grpc
+
+from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
+from brigade.peer.config import PeerConfig
+from brigade.peer.executor import SpanExecutor
+from brigade.peer.servicer import PeerServicer
+from brigade.peer.sessions import SessionManager
+from brigade.peer.throughput import measure_decode_throughput
+from brigade.protocol import brigade_pb2_grpc as pb_grpc
+from brigade.protocol.identity import Identity
+from brigade.protocol.records import PeerRecord, model_name_for
+from brigade.routing.announce import Announcer
+from brigade.routing.dht import start_dht
+
+logger = logging.getLogger(__name__)
+
+READY_MARK = "BRIGADE_PEER_READY"
+
+
+def grpc_options(config_max_bytes: int) -> list[tuple[str, int]]:
+    """Message caps and keepalive; clients use the same keepalive so neither side trips the other."""
+    return [
+        ("grpc.max_receive_message_length", config_max_bytes),
+        ("grpc.max_send_message_length", config_max_bytes),
+        *KEEPALIVE_OPTIONS,
+    ]
+
+
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class PeerServer:
+    """One hosted span. ``start`` does the I/O; ``serve_until_stopped`` runs until SIGTERM/SIGINT."""
+
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.identity: Identity | None = None
+        self.model_name = config.model_name or model_name_for(config.model)
+        self.throughput = 0.0
+        self.address = ""
+        self._server: grpc.aio.Server | None = None
+        self._dht: Any = None
+        self._announcer: Announcer | None = None
+        self._announce_task: asyncio.Task[None] | None = None
+        self._sessions: SessionManager | None = None
+        self._executor: SpanExecutor | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        dtype = COMPUTE_DTYPES[config.dtype]
+        model_config = load_config(config.model, config.revision)
+        num_layers = model_config.num_hidden_layers
+        if not 0 <= config.start_layer < config.end_layer <= num_layers:
+            raise ValueError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers}")
+        loop = asyncio.get_running_loop()
+        span = await loop.run_in_executor(
+            None,
+            lambda: load_span(config.model, config.start_layer, config.end_layer, dtype=dtype,
+                              device=config.device, revision=config.revision, config=model_config),
+        )
+        self.throughput = await loop.run_in_executor(
+            None, measure_decode_throughput, span, dtype, config.device
+        )
+        self._sessions = SessionManager(config, span.args, dtype, config.device)
+        self._executor = SpanExecutor(span, dtype, config.device, config.num_threads)
+        servicer = PeerServicer(
+            config, self.model_name, self.identity.peer_id, self._sessions, self._executor,
+            info_extra=lambda: {"throughput": self.throughput},
+        )
+        self._server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+        pb_grpc.add_PeerServicer_to_server(servicer, self._server)
+        port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise RuntimeError(f"could not bind {config.host}:{config.port}")
+        await self._server.start()
+        self.address = f"{config.announce_host or config.host}:{port}"
+
+        self._dht = await loop.run_in_executor(
+            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen)
+        )
+        self._announcer = Announcer(
+            self._dht, self.identity, self._make_record,
+            period_s=config.announce_period_s, ttl_s=config.record_ttl_s,
+        )
+        if not await self._announcer.announce_once():
+            logger.warning("first announcement failed; retrying in the background")
+        self._announce_task = asyncio.create_task(self._announcer.run(), name="announce")
+        self._announce_task.add_done_callback(_log_task_failure)
+
+    def _make_record(self, state: str) -> PeerRecord:
+        from hivemind.utils import get_dht_time
+
+        assert self.identity is not None and self._sessions is not None
+        return PeerRecord(
+            peer_id=self.identity.peer_id,
+            public_key=self.identity.public_key.hex(),
+            address=self.address,
+            model_name=self.model_name,
+            start_layer=self.config.start_layer,
+            end_layer=self.config.end_layer,
+            num_layers=self._sessions.args.num_layers,
+            dtype=self.config.dtype,
+            throughput=self.throughput,
+            free_cache_tokens=self._sessions.pool.free_tokens,
+            state=state,  # type: ignore[arg-type]
+            signed_at=get_dht_time(),
+        )
+
+    def ready_line(self) -> str:
+        assert self.identity is not None
+        info = {
+            "peer_id": self.identity.peer_id,
+            "address": self.address,
+            "model_name": self.model_name,
+            "layers": f"{self.config.start_layer}:{self.config.end_layer}",
+            "throughput": round(self.throughput, 2),
+        }
+        return f"{READY_MARK} {json.dumps(info)}"
+
+    async def serve_until_stopped(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(self.ready_line(), flush=True)
+        await stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Leaves politely: tell the DHT, refuse new sessions, let open ones finish for a while."""
+        if self._sessions is not None:
+            self._sessions.accepting = False
+        if self._announce_task is not None:
+            self._announce_task.cancel()
+        if self._announcer is not None:
+            await self._announcer.announce_leaving()
+        deadline = asyncio.get_running_loop().time() + self.config.drain_grace_s
+        while self._sessions and self._sessions.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._announce_task is not None:
+            self._announce_task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self._executor is not None:
+            self._executor.close()
+        if self._dht is not None:
+            self._dht.shutdown()
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+async def run_peer(config: PeerConfig) -> None:
+    server = PeerServer(config)
+    try:
+        await server.start()
+    except Exception:
+        await server.close()
+        raise
+    await server.serve_until_stopped()
+
+
+def main(config: PeerConfig) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(run_peer(config))

@@ -1,0 +1,69 @@
+"""Peer and client identity: an Ed25519 key kept in a 0600 file, and the id derived from it.
+
+Every record a peer stores in the DHT is signed with this key, so an id cannot be claimed by
+anyone who does not hold it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import base58
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+PEER_ID_PREFIX = "bp"
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """A short printable id: the first 16 bytes of the key's SHA-256 in base58."""
+    return PEER_ID_PREFIX + base58.b58encode(hashlib.sha256(public_key).digest()[:16]).decode()
+
+
+class Identity:
+    """An Ed25519 key pair with its derived peer id."""
+
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._private_key = private_key
+        self.public_key: bytes = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.peer_id: str = peer_id_of(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
+        """Reads the key at ``path``; creates it (mode 0600) on first run so restarts keep the id."""
+        path = Path(path)
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+            return cls(key)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(pem)
+        return cls(key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private_key.sign(message)
+
+
+def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True when ``signature`` is ``public_key``'s signature of ``message``; never raises."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

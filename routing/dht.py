@@ -1,0 +1,75 @@
+"""Starting a hivemind DHT node for a peer, a client or the dashboard.
+
+hivemind runs each DHT node in a forked child process (plus a Go ``p2pd`` daemon under it), so
+starting one blocks for a fraction of a second to a few seconds. ``start_dht`` bounds that wait
+and turns every way start-up can fail (unreachable or malformed initial peers, a daemon that
+never comes up) into one ``RuntimeError`` that says what to check, instead of hivemind's mix of
+daemon errors and, without a timeout, an unbounded wait.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import hivemind
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    listen_maddrs: Sequence[str] = DEFAULT_LISTEN,
+    client_mode: bool = False,
+    identity_path: str | None = None,
+    startup_timeout_s: float = 30.0,
+) -> hivemind.DHT:
+    """Starts a DHT node (in a child process) and returns it once it serves requests.
+
+    ``initial_peers`` are multiaddrs with a ``/p2p/<id>`` part, as printed by ``visible_maddrs``;
+    none starts a new swarm. ``client_mode`` nodes only ask and never store for others: clients
+    behind NAT and the dashboard use it. ``identity_path`` is hivemind's libp2p key file (not
+    brigade's Ed25519 identity): it keeps the DHT peer id, hence the multiaddr that others
+    bootstrap from, the same across restarts; hivemind creates the file when it is missing, and
+    we create its folder. The caller owns the result and must call ``dht.shutdown()``.
+
+    Blocks the calling thread; from async code run it with ``asyncio.to_thread``.
+    Raises RuntimeError when the node does not come up within ``startup_timeout_s``.
+    """
+    if identity_path is not None:
+        Path(identity_path).parent.mkdir(parents=True, exist_ok=True)
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers) or None,
+        host_maddrs=list(listen_maddrs),
+        client_mode=client_mode,
+        identity_path=identity_path,
+        startup_timeout=startup_timeout_s,  # bounds the p2pd daemon's own start inside the child
+        start=False,
+    )
+    try:
+        # hivemind.DHT(start=True) would wait without a deadline; the same start, bounded.
+        dht.run_in_background(await_ready=True, timeout=startup_timeout_s)
+    except TimeoutError as e:
+        dht.shutdown()
+        raise RuntimeError(
+            f"the DHT node did not start within {startup_timeout_s:.0f} s; check that the initial peers "
+            f"{list(initial_peers)} are reachable from this machine"
+        ) from e
+    except Exception as e:
+        dht.shutdown()
+        if initial_peers:
+            hint = f"check that the initial peers {list(initial_peers)} are running and reachable"
+        else:
+            hint = f"check the listen addresses {list(listen_maddrs)}"
+        raise RuntimeError(f"could not start the DHT node ({e}); {hint}") from e
+    logger.info("DHT node started (client_mode=%s), visible at %s", client_mode, visible_maddrs(dht))
+    return dht
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """The multiaddrs others can bootstrap from, as strings to print or pass on the command line."""
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
