@@ -9,8 +9,14 @@ from dataclasses import dataclass
 class ClientConfig:
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to bootstrap from
     model_name: str | None = None  # DHT name of the model; derived from the model path when None
-    step_timeout_s: float = 30.0  # deadline for one hop's answer to one step
-    open_timeout_s: float = 30.0  # deadline for a hop to open a session
+    step_timeout_s: float = 120.0  # deadline for one hop's answer to a prefill or replay step
+    decode_timeout_floor_s: float = 1.5  # a decode step's deadline is never shorter than this
+    decode_timeout_factor: float = 10.0  # ... and otherwise this many times the hop's typical step time
+    open_timeout_s: float = 10.0  # deadline for a hop to open a session
+    retry_budget_s: float = 60.0  # how long one step may spend recovering from failed hops
+    max_attempts: int = 12  # failed hops one step may recover from before giving up
+    ban_base_s: float = 2.0  # first ban of a failed peer; doubles with each failure
+    ban_max_s: float = 60.0  # longest ban
     route_wait_s: float = 30.0  # how long to wait for every layer to have a live peer
     records_max_age_s: float = 2.0  # reuse a DHT read this recent instead of asking again
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions

@@ -12,15 +12,17 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import grpc
 import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutput
 
+from brigade.client.bans import PeerBans
 from brigade.client.config import ClientConfig
 from brigade.client.loop import LoopThread
 from brigade.client.remote import RemoteSwarm
 from brigade.client.sampling import SamplingParams, TokenChooser
-from brigade.client.session import InferenceSession
+from brigade.client.session import FATAL, FailoverEvent, HopFailure, InferenceSession
 from brigade.kernels.checkpoint import resolve_config_folder
 from brigade.kernels.loading import load_config, load_head
 from brigade.protocol import brigade_pb2 as pb
@@ -56,6 +58,8 @@ class DistributedModelForCausalLM:
         self.model_name = model_name
         self.generation_config = _generation_config(model)
         self.last_route: list[str] = []
+        self.last_events: list[FailoverEvent] = []  # recoveries during the last generate / stream
+        self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
         self._loop = LoopThread()
         self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
 
@@ -91,22 +95,34 @@ class DistributedModelForCausalLM:
         return CausalLMOutput(logits=self.head.logits(hidden))
 
     async def _forward_remote(self, hidden: torch.Tensor, pads: list[int]) -> torch.Tensor:
-        route = await self.swarm.route(0, self.config.num_hidden_layers)
-        wire = WIRE_DTYPES[self.client_config.wire_dtype]
-        for hop in route:
+        """Stateless passes hop by hop; a failed hop is banned and the remaining layers re-routed."""
+        config = self.client_config
+        wire = WIRE_DTYPES[config.wire_dtype]
+        num_layers = self.config.num_hidden_layers
+        position, used, attempts = 0, [], config.max_attempts
+        while position < num_layers:
+            hop = (await self.swarm.route(position, num_layers, exclude=self.bans.banned(), fresh=attempts
+                                          < config.max_attempts))[0]
             request = pb.ForwardRequest(
                 start_layer=hop.start, end_layer=hop.end, hidden=encode(hidden, wire), pad_lengths=pads
             )
             try:
-                response = await self.swarm.stub(hop.peer.address).Forward(
-                    request, timeout=self.client_config.step_timeout_s
-                )
-            except Exception as error:  # grpc.aio.AioRpcError carries the peer's status
-                if hasattr(error, "code"):
-                    raise from_status(error.code(), error.details() or "") from error
-                raise
-            hidden = decode(response.hidden)
-        self.last_route = [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in route]
+                response = await self.swarm.stub(hop.peer.address).Forward(request, timeout=config.step_timeout_s)
+                output = decode(response.hidden)
+                if output.shape != hidden.shape:
+                    raise HopFailure(hop, f"answered shape {list(output.shape)} for {list(hidden.shape)}")
+            except Exception as error:
+                if isinstance(error, grpc.aio.AioRpcError):
+                    error = from_status(error.code(), error.details() or "")
+                if isinstance(error, FATAL) or attempts <= 0:
+                    raise error from None
+                attempts -= 1
+                self.bans.ban(hop.peer.peer_id)
+                logger.warning("forward through %s failed (%s); rerouting", hop.peer.peer_id, error)
+                continue
+            hidden, position = output, hop.end
+            used.append(f"{hop.peer.peer_id}[{hop.start}:{hop.end}]")
+        self.last_route = used
         return hidden
 
     # -- generation ----------------------------------------------------------------------------
@@ -164,10 +180,10 @@ class DistributedModelForCausalLM:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         pads = left_pad_lengths(mask)
         max_length = input_ids.shape[1] + max_new_tokens
-        session = InferenceSession(self.swarm, input_ids.shape[0], max_length, pads)
+        session = InferenceSession(self.swarm, self.bans, input_ids.shape[0], max_length, pads)
+        self.last_events = session.events
         run = self._loop.run
         run(session.open())
-        self.last_route = [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in session.route]
         try:
             sequences = input_ids
             unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
@@ -179,6 +195,7 @@ class DistributedModelForCausalLM:
                     tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
                     unfinished &= ~torch.isin(tokens, torch.tensor(eos))
                 sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+                self.last_route = [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in session.route]
                 yield tokens
                 if not bool(unfinished.any()):
                     break

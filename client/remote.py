@@ -57,10 +57,15 @@ class RemoteSwarm:
             self._records_at = time.monotonic()
         return self._records
 
-    async def route(self, start: int, end: int, exclude: Collection[str] = ()) -> list[Hop]:
-        """A chain of peers for layers [start, end), waiting up to ``route_wait_s`` for coverage."""
-        deadline = time.monotonic() + self.config.route_wait_s
-        max_age_s: float | None = None
+    async def route(
+        self, start: int, end: int, exclude: Collection[str] = (), *, fresh: bool = False, wait_s: float | None = None
+    ) -> list[Hop]:
+        """A chain of peers for layers [start, end), waiting up to ``wait_s`` for coverage.
+
+        ``fresh`` reads the DHT now instead of reusing a recent view (after a failure, say).
+        """
+        deadline = time.monotonic() + (self.config.route_wait_s if wait_s is None else wait_s)
+        max_age_s: float | None = 0.0 if fresh else None
         while True:
             try:
                 return find_route(await self.records(max_age_s), start, end, exclude=exclude)

@@ -40,7 +40,7 @@ def run(
     cache_tokens: Annotated[int, typer.Option(help="KV cache pool size in positions.")] = 16384,
     num_threads: Annotated[int | None, typer.Option(help="torch threads for compute.")] = None,
     announce_period: Annotated[float, typer.Option(help="Seconds between DHT record refreshes.")] = 10.0,
-    record_ttl: Annotated[float, typer.Option(help="Seconds a record lives without refresh.")] = 30.0,
+    record_ttl: Annotated[float, typer.Option(help="Seconds a record lives without refresh.")] = 20.0,
     drain_grace: Annotated[float, typer.Option(help="Seconds open sessions may finish on SIGTERM.")] = 20.0,
 ) -> None:
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""

@@ -29,7 +29,7 @@ class PeerConfig:
     max_tensor_bytes: int = 48 * 1024 * 1024  # one decoded tensor, checked before allocation
     session_idle_timeout_s: float = 300.0  # a stream silent this long is closed and its cache freed
     announce_period_s: float = 10.0  # seconds between record refreshes
-    record_ttl_s: float = 30.0  # records expire this long after their last refresh
+    record_ttl_s: float = 20.0  # records expire this long after the last refresh: a dead peer is gone in 2 periods
     drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
     extra: dict[str, str] = field(default_factory=dict)  # reserved for forward-compatible options
 

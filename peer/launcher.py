@@ -29,6 +29,8 @@ class LaunchedProcess:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    args: list[str]
+    threads: int | None = None
     info: dict[str, object] = field(default_factory=dict)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -74,12 +76,13 @@ class LocalSwarm:
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop children in order
         )
         log_file.close()
-        return LaunchedProcess(name, process, log_path)
+        return LaunchedProcess(name, process, log_path, args, threads)
 
     def _wait_ready(self, launched: LaunchedProcess, mark: str, timeout_s: float) -> dict[str, object]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for line in launched.log_path.read_text(errors="replace").splitlines():
+            lines = launched.log_path.read_text(errors="replace").split("--- restarted ---")[-1].splitlines()
+            for line in lines:
                 if line.startswith(mark + " "):
                     launched.info = json.loads(line[len(mark) + 1 :])
                     return launched.info
@@ -120,6 +123,21 @@ class LocalSwarm:
 
     def wait_ready(self, launched: LaunchedProcess, timeout_s: float = 120.0) -> dict[str, object]:
         return self._wait_ready(launched, PEER_READY, timeout_s)
+
+    def restart(self, launched: LaunchedProcess, *, wait: bool = True, timeout_s: float = 120.0) -> None:
+        """Starts a stopped peer again with the same arguments (so the same identity file and id)."""
+        if launched.alive():
+            raise RuntimeError(f"{launched.name} is still running")
+        with open(launched.log_path, "ab") as log_file:
+            log_file.write(b"\n--- restarted ---\n")
+            launched.process = subprocess.Popen(
+                [sys.executable, "-m", "brigade", *launched.args],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_child_env(launched.threads), start_new_session=True,
+            )
+        launched.info = {}
+        if wait:
+            self.wait_ready(launched, timeout_s)
 
     def stop_peer(self, launched: LaunchedProcess, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
         if launched.alive():

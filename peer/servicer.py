@@ -106,6 +106,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 length=session.length,
                 step_id=step.step_id,
                 compute_ms=compute_ms,
+                peer_leaving=not self.sessions.accepting,
             )
         )
 

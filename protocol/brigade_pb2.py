@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rbrigade.proto\x12\nbrigade.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\r\x12\x11\n\tend_layer\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x13\n\x0bpad_lengths\x18\x06 \x03(\r\x12\x16\n\x0eopen_timeout_s\x18\x07 \x01(\x02\"S\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"y\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.brigade.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.brigade.v1.StepH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\tB\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\"e\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\"r\n\x11InferenceResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.brigade.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.brigade.v1.StepResultH\x00\x42\x06\n\x04kind\"q\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_layer\x18\x01 \x01(\r\x12\x11\n\tend_layer\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x13\n\x0bpad_lengths\x18\x04 \x03(\r\"I\n\x0f\x46orwardResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\"\r\n\x0bInfoRequest\"\xa3\x02\n\x0cInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x12\n\nmax_length\x18\n \x01(\r\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x15\n\ropen_sessions\x18\x0c \x01(\r\x12\r\n\x05state\x18\r \x01(\t\x12\x12\n\nthroughput\x18\x0e \x01(\x01\x32\xd3\x01\n\x04Peer\x12L\n\tInference\x12\x1c.brigade.v1.InferenceRequest\x1a\x1d.brigade.v1.InferenceResponse(\x01\x30\x01\x12\x42\n\x07\x46orward\x12\x1a.brigade.v1.ForwardRequest\x1a\x1b.brigade.v1.ForwardResponse\x12\x39\n\x04Info\x12\x17.brigade.v1.InfoRequest\x1a\x18.brigade.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rbrigade.proto\x12\nbrigade.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\r\x12\x11\n\tend_layer\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x13\n\x0bpad_lengths\x18\x06 \x03(\r\x12\x16\n\x0eopen_timeout_s\x18\x07 \x01(\x02\"S\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"y\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.brigade.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.brigade.v1.StepH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\tB\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\"{\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x14\n\x0cpeer_leaving\x18\x05 \x01(\x08\"r\n\x11InferenceResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.brigade.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.brigade.v1.StepResultH\x00\x42\x06\n\x04kind\"q\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_layer\x18\x01 \x01(\r\x12\x11\n\tend_layer\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x13\n\x0bpad_lengths\x18\x04 \x03(\r\"I\n\x0f\x46orwardResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\"\r\n\x0bInfoRequest\"\xa3\x02\n\x0cInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x12\n\nmax_length\x18\n \x01(\r\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x15\n\ropen_sessions\x18\x0c \x01(\r\x12\r\n\x05state\x18\r \x01(\t\x12\x12\n\nthroughput\x18\x0e \x01(\x01\x32\xd3\x01\n\x04Peer\x12L\n\tInference\x12\x1c.brigade.v1.InferenceRequest\x1a\x1d.brigade.v1.InferenceResponse(\x01\x30\x01\x12\x42\n\x07\x46orward\x12\x1a.brigade.v1.ForwardRequest\x1a\x1b.brigade.v1.ForwardResponse\x12\x39\n\x04Info\x12\x17.brigade.v1.InfoRequest\x1a\x18.brigade.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONOPENED']._serialized_start=452
   _globals['_SESSIONOPENED']._serialized_end=507
   _globals['_STEPRESULT']._serialized_start=509
-  _globals['_STEPRESULT']._serialized_end=610
-  _globals['_INFERENCERESPONSE']._serialized_start=612
-  _globals['_INFERENCERESPONSE']._serialized_end=726
-  _globals['_FORWARDREQUEST']._serialized_start=728
-  _globals['_FORWARDREQUEST']._serialized_end=841
-  _globals['_FORWARDRESPONSE']._serialized_start=843
-  _globals['_FORWARDRESPONSE']._serialized_end=916
-  _globals['_INFOREQUEST']._serialized_start=918
-  _globals['_INFOREQUEST']._serialized_end=931
-  _globals['_INFORESPONSE']._serialized_start=934
-  _globals['_INFORESPONSE']._serialized_end=1225
-  _globals['_PEER']._serialized_start=1228
-  _globals['_PEER']._serialized_end=1439
+  _globals['_STEPRESULT']._serialized_end=632
+  _globals['_INFERENCERESPONSE']._serialized_start=634
+  _globals['_INFERENCERESPONSE']._serialized_end=748
+  _globals['_FORWARDREQUEST']._serialized_start=750
+  _globals['_FORWARDREQUEST']._serialized_end=863
+  _globals['_FORWARDRESPONSE']._serialized_start=865
+  _globals['_FORWARDRESPONSE']._serialized_end=938
+  _globals['_INFOREQUEST']._serialized_start=940
+  _globals['_INFOREQUEST']._serialized_end=953
+  _globals['_INFORESPONSE']._serialized_start=956
+  _globals['_INFORESPONSE']._serialized_end=1247
+  _globals['_PEER']._serialized_start=1250
+  _globals['_PEER']._serialized_end=1461
 # @@protoc_insertion_point(module_scope)

@@ -63,16 +63,18 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "length", "step_id", "compute_ms")
+    __slots__ = ("hidden", "length", "step_id", "compute_ms", "peer_leaving")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    PEER_LEAVING_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     length: int
     step_id: int
     compute_ms: float
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    peer_leaving: bool
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., peer_leaving: _Optional[bool] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "result")

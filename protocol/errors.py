@@ -46,9 +46,13 @@ class CacheFullError(BrigadeError):
 
 
 class PeerLeavingError(BrigadeError):
-    """The peer is draining before shutdown and accepts no new sessions."""
+    """The peer is draining before shutdown and accepts no new sessions.
 
-    status = grpc.StatusCode.UNAVAILABLE
+    FAILED_PRECONDITION rather than UNAVAILABLE, which a dead connection also gives: a leaving
+    peer did nothing wrong and must not be banned.
+    """
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class MissingLayersError(Exception):

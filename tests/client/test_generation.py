@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,8 +63,11 @@ def test_missing_layers_are_named(tmp_path: Path, llama_checkpoint: Path) -> Non
     swarm = start_swarm(tmp_path / "partial", llama_checkpoint, [(0, 2), (4, 6)])
     try:
         with DistributedModelForCausalLM.from_pretrained(
-            str(llama_checkpoint), swarm.initial_peers, route_wait_s=2.0
-        ) as model, pytest.raises(MissingLayersError, match="layers 2:4"):
-            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+            str(llama_checkpoint), swarm.initial_peers, route_wait_s=1.0, retry_budget_s=3.0
+        ) as model:
+            began = time.monotonic()
+            with pytest.raises(MissingLayersError, match="layers 2:4"):
+                model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+            assert time.monotonic() - began < 3.0 + 2.0, "gave up later than the configured budget allows"
     finally:
         swarm.close()

@@ -25,7 +25,7 @@ from brigade.peer.launcher import LocalSwarm
 
 # Peers on a 2-core machine take turns; two threads each is the most that helps.
 PEER_THREADS = int(os.environ.get("BRIGADE_TEST_PEER_THREADS", "2"))
-FAST_PEER_ARGS = ["--drain-grace", "1", "--announce-period", "2", "--record-ttl", "6"]
+FAST_PEER_ARGS = ["--drain-grace", "1", "--announce-period", "1.5", "--record-ttl", "4"]
 
 
 

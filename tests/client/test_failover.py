@@ -1,0 +1,190 @@
+"""Generation survives peers that are killed, hung or drained mid-generation: same tokens.
+
+The swarm covers every layer twice with different boundaries (0:8 x2, 8:16 x2, 4:12), so a
+replacement for a failed hop may be one peer or two. Killed peers restart with the same
+identity between generations, as a volunteer's machine would.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
+
+from brigade.client import DistributedModelForCausalLM
+from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+
+LAYERS = 16
+SPANS = [(0, 8), (0, 8), (8, 16), (8, 16), (4, 12)]
+NEW_TOKENS = 24
+GENERATIONS = 10  # kill -9 runs in CI; benchmarks/chaos.py runs 100
+
+
+class ChaosSwarm:
+    def __init__(self, folder: Path, checkpoint: Path):
+        self.swarm = LocalSwarm(folder / "logs", peer_threads=PEER_THREADS)
+        self.checkpoint = checkpoint
+        self.folder = folder
+
+    def start(self) -> None:
+        self.swarm.start_bootstrap()
+        for index, span in enumerate(SPANS):
+            args = [*FAST_PEER_ARGS, "--identity", str(self.folder / f"peer{index}.key"), "--drain-grace", "20"]
+            self.swarm.add_peer(str(self.checkpoint), span, extra_args=args, wait=False)
+        for peer in self.swarm.peers:
+            self.swarm.wait_ready(peer)
+
+    def by_id(self) -> dict[str, LaunchedProcess]:
+        return {str(peer.info["peer_id"]): peer for peer in self.swarm.peers if peer.info}
+
+    def alive_spans(self, without: LaunchedProcess | None = None) -> list[tuple[int, int]]:
+        return [span for peer, span in zip(self.swarm.peers, SPANS, strict=True)
+                if peer.alive() and peer is not without]
+
+    def removable(self, peer: LaunchedProcess) -> bool:
+        """True when every layer keeps a live peer without this one."""
+        covered = set()
+        for start, end in self.alive_spans(without=peer):
+            covered.update(range(start, end))
+        return covered == set(range(LAYERS))
+
+    def pick_victim(self, route: list[str], rng: random.Random) -> LaunchedProcess | None:
+        """A live peer on the current route whose loss leaves the layers covered (any live one otherwise)."""
+        by_id = self.by_id()
+        on_route = [by_id[hop.split("[")[0]] for hop in route if hop.split("[")[0] in by_id]
+        for pool in (on_route, self.swarm.peers):
+            candidates = [peer for peer in pool if peer.alive() and self.removable(peer)]
+            if candidates:
+                return rng.choice(candidates)
+        return None
+
+    def heal(self) -> None:
+        """Restarts every peer that is not running (same identity), and wakes stopped ones."""
+        stopped = [peer for peer in self.swarm.peers if not peer.alive()]
+        for peer in stopped:
+            self.swarm.restart(peer, wait=False)
+        for peer in stopped:
+            self.swarm.wait_ready(peer)
+
+
+@pytest.fixture(scope="module")
+def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChaosSwarm, DistributedModelForCausalLM]]:
+    folder = tmp_path_factory.mktemp("chaos")
+    checkpoint = build_checkpoint(folder / "tiny-llama-16", "llama", seed=21, num_hidden_layers=LAYERS)
+    swarm = ChaosSwarm(folder, checkpoint)
+    try:
+        swarm.start()
+        with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.swarm.initial_peers) as model:
+            yield swarm, model
+    finally:
+        swarm.swarm.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_model("llama", seed=21, num_hidden_layers=LAYERS)
+
+
+def prompt_for(generation: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 + generation)
+    length = int(torch.randint(4, 12, (1,), generator=generator))
+    return torch.randint(0, 512, (1, length), generator=generator)
+
+
+def run_with_faults(model: DistributedModelForCausalLM, prompt: torch.Tensor, fault_steps: set[int],
+                    fault) -> list[int]:
+    tokens = []
+    for step, new in enumerate(model.stream(prompt, max_new_tokens=NEW_TOKENS)):
+        tokens.append(int(new[0]))
+        if step in fault_steps:
+            fault(list(model.last_route))
+    return prompt[0].tolist() + tokens
+
+
+def test_kill_minus_9_twice_per_generation(chaos, reference) -> None:
+    swarm, model = chaos
+    rng = random.Random(1)
+    failures = 0
+    for generation in range(GENERATIONS):
+        prompt = prompt_for(generation)
+        expected = reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+
+        def kill(route: list[str]) -> None:
+            victim = swarm.pick_victim(route, rng)
+            if victim is not None:
+                victim.process.send_signal(signal.SIGKILL)
+                victim.process.wait(10)
+
+        steps = set(rng.sample(range(1, NEW_TOKENS - 1), 2))
+        assert run_with_faults(model, prompt, steps, kill) == expected, f"generation {generation} diverged"
+        assert all(event.kind == "failure" for event in model.last_events)
+        failures += len(model.last_events)
+        swarm.heal()
+    assert failures >= GENERATIONS, "most kills should have hit the route in use"
+
+
+def test_hung_peer_sigstop(chaos, reference) -> None:
+    swarm, model = chaos
+    rng = random.Random(2)
+    for generation in range(3):
+        prompt = prompt_for(50 + generation)
+        expected = reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+        stopped: list[LaunchedProcess] = []
+
+        def freeze(route: list[str], stopped: list[LaunchedProcess] = stopped) -> None:
+            victim = swarm.pick_victim(route, rng)
+            if victim is not None:
+                victim.process.send_signal(signal.SIGSTOP)
+                stopped.append(victim)
+
+        step = rng.randrange(2, NEW_TOKENS - 2)
+        assert run_with_faults(model, prompt, {step}, freeze) == expected
+        hung = [event for event in model.last_events if event.kind == "failure"]
+        assert hung and all(event.detected_after_s < 3.0 for event in hung), model.last_events
+        for peer in stopped:  # wake it and let it rejoin: it must keep serving afterwards
+            peer.process.send_signal(signal.SIGCONT)
+
+
+def test_drained_peer_sigterm_is_left_without_a_retry(chaos, reference) -> None:
+    swarm, model = chaos
+    rng = random.Random(3)
+    for generation in range(2):
+        prompt = prompt_for(80 + generation)
+        expected = reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+        drained: list[tuple[LaunchedProcess, float]] = []
+
+        def terminate(route: list[str], drained: list = drained) -> None:
+            victim = swarm.pick_victim(route, rng)
+            if victim is not None:
+                victim.process.send_signal(signal.SIGTERM)
+                drained.append((victim, time.monotonic()))
+
+        assert run_with_faults(model, prompt, {NEW_TOKENS // 2}, terminate) == expected
+        assert drained, "no peer was drained"
+        assert model.last_events, "the client did not move off the leaving peer"
+        assert all(event.kind == "migration" for event in model.last_events), model.last_events
+        for peer, since in drained:
+            peer.process.wait(15)  # it exits once its sessions moved away, well before the 20 s grace
+            assert time.monotonic() - since < 15
+        swarm.heal()
+
+
+def test_a_dead_peer_drops_out_of_the_records(chaos) -> None:
+    swarm, model = chaos
+    victim = swarm.swarm.peers[-1]
+    victim_id = str(victim.info["peer_id"])
+    assert victim_id in {record.peer_id for record in model._loop.run(model.swarm.records(0.0))}
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(10)
+    killed_at = time.monotonic()
+    ttl = float(FAST_PEER_ARGS[FAST_PEER_ARGS.index("--record-ttl") + 1])
+    while victim_id in {record.peer_id for record in model._loop.run(model.swarm.records(0.0))}:
+        assert time.monotonic() - killed_at < ttl + 3.0, "the record outlived its expiry"
+        time.sleep(0.2)
+    swarm.heal()
