@@ -11,73 +11,24 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
+from brigade_testkit import FAST_PEER_ARGS, ChaosSwarm, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+from brigade.peer.launcher import LaunchedProcess
 
 LAYERS = 16
-SPANS = [(0, 8), (0, 8), (8, 16), (8, 16), (4, 12)]
 NEW_TOKENS = 24
 GENERATIONS = 10  # kill -9 runs in CI; benchmarks/chaos.py runs 100
-
-
-class ChaosSwarm:
-    def __init__(self, folder: Path, checkpoint: Path):
-        self.swarm = LocalSwarm(folder / "logs", peer_threads=PEER_THREADS)
-        self.checkpoint = checkpoint
-        self.folder = folder
-
-    def start(self) -> None:
-        self.swarm.start_bootstrap()
-        for index, span in enumerate(SPANS):
-            args = [*FAST_PEER_ARGS, "--identity", str(self.folder / f"peer{index}.key"), "--drain-grace", "20"]
-            self.swarm.add_peer(str(self.checkpoint), span, extra_args=args, wait=False)
-        for peer in self.swarm.peers:
-            self.swarm.wait_ready(peer)
-
-    def by_id(self) -> dict[str, LaunchedProcess]:
-        return {str(peer.info["peer_id"]): peer for peer in self.swarm.peers if peer.info}
-
-    def alive_spans(self, without: LaunchedProcess | None = None) -> list[tuple[int, int]]:
-        return [span for peer, span in zip(self.swarm.peers, SPANS, strict=True)
-                if peer.alive() and peer is not without]
-
-    def removable(self, peer: LaunchedProcess) -> bool:
-        """True when every layer keeps a live peer without this one."""
-        covered = set()
-        for start, end in self.alive_spans(without=peer):
-            covered.update(range(start, end))
-        return covered == set(range(LAYERS))
-
-    def pick_victim(self, route: list[str], rng: random.Random) -> LaunchedProcess | None:
-        """A live peer on the current route whose loss leaves the layers covered (any live one otherwise)."""
-        by_id = self.by_id()
-        on_route = [by_id[hop.split("[")[0]] for hop in route if hop.split("[")[0] in by_id]
-        for pool in (on_route, self.swarm.peers):
-            candidates = [peer for peer in pool if peer.alive() and self.removable(peer)]
-            if candidates:
-                return rng.choice(candidates)
-        return None
-
-    def heal(self) -> None:
-        """Restarts every peer that is not running (same identity), and wakes stopped ones."""
-        stopped = [peer for peer in self.swarm.peers if not peer.alive()]
-        for peer in stopped:
-            self.swarm.restart(peer, wait=False)
-        for peer in stopped:
-            self.swarm.wait_ready(peer)
 
 
 @pytest.fixture(scope="module")
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChaosSwarm, DistributedModelForCausalLM]]:
     folder = tmp_path_factory.mktemp("chaos")
     checkpoint = build_checkpoint(folder / "tiny-llama-16", "llama", seed=21, num_hidden_layers=LAYERS)
-    swarm = ChaosSwarm(folder, checkpoint)
+    swarm = ChaosSwarm(folder, checkpoint, LAYERS)
     try:
         swarm.start()
         with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.swarm.initial_peers) as model:

@@ -8,6 +8,7 @@ checks that they do.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.peer.launcher import LaunchedProcess, LocalSwarm
 
 # Peers on a 2-core machine take turns; two threads each is the most that helps.
 PEER_THREADS = int(os.environ.get("BRIGADE_TEST_PEER_THREADS", "2"))
@@ -89,3 +90,60 @@ def start_swarm(folder: Path, checkpoint: Path, spans: list[tuple[int, int]]) ->
         swarm.close()
         raise
     return swarm
+
+
+class ChaosSwarm:
+    """Layers covered twice with different boundaries, and the means to break and heal peers.
+
+    Spans for L layers: [0, L/2) twice, [L/2, L) twice, and [L/4, 3L/4) once, so a failed hop's
+    replacement may be one peer or two.
+    """
+
+    def __init__(self, folder: Path, checkpoint: Path, num_layers: int, peer_args: list[str] | None = None):
+        half, quarter = num_layers // 2, num_layers // 4
+        self.spans = [(0, half), (0, half), (half, num_layers), (half, num_layers), (quarter, half + quarter)]
+        self.num_layers = num_layers
+        self.swarm = LocalSwarm(folder / "logs", peer_threads=PEER_THREADS)
+        self.checkpoint = checkpoint
+        self.folder = folder
+        self.peer_args = FAST_PEER_ARGS if peer_args is None else peer_args
+
+    def start(self) -> None:
+        self.swarm.start_bootstrap()
+        for index, span in enumerate(self.spans):
+            args = [*self.peer_args, "--identity", str(self.folder / f"peer{index}.key"), "--drain-grace", "20"]
+            self.swarm.add_peer(str(self.checkpoint), span, extra_args=args, wait=False)
+        for peer in self.swarm.peers:
+            self.swarm.wait_ready(peer)
+
+    def by_id(self) -> dict[str, LaunchedProcess]:
+        return {str(peer.info["peer_id"]): peer for peer in self.swarm.peers if peer.info}
+
+    def alive_spans(self, without: LaunchedProcess | None = None) -> list[tuple[int, int]]:
+        return [span for peer, span in zip(self.swarm.peers, self.spans, strict=True)
+                if peer.alive() and peer is not without]
+
+    def removable(self, peer: LaunchedProcess) -> bool:
+        """True when every layer keeps a live peer without this one."""
+        covered = set()
+        for start, end in self.alive_spans(without=peer):
+            covered.update(range(start, end))
+        return covered == set(range(self.num_layers))
+
+    def pick_victim(self, route: list[str], rng: random.Random) -> LaunchedProcess | None:
+        """A live peer on the current route whose loss leaves the layers covered (any live one otherwise)."""
+        by_id = self.by_id()
+        on_route = [by_id[hop.split("[")[0]] for hop in route if hop.split("[")[0] in by_id]
+        for pool in (on_route, self.swarm.peers):
+            candidates = [peer for peer in pool if peer.alive() and self.removable(peer)]
+            if candidates:
+                return rng.choice(candidates)
+        return None
+
+    def heal(self) -> None:
+        """Restarts every peer that is not running (same identity), and wakes stopped ones."""
+        stopped = [peer for peer in self.swarm.peers if not peer.alive()]
+        for peer in stopped:
+            self.swarm.restart(peer, wait=False)
+        for peer in stopped:
+            self.swarm.wait_ready(peer)
