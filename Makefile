@@ -7,15 +7,15 @@ PY := $(VENV)/bin/python
 # On a CUDA machine: make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX="<your CUDA wheel index>".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-PIP_QUIET ?= -q
+PIP_FLAGS ?= -q
 
 .PHONY: setup demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
-	$(PY) -m pip install $(PIP_QUIET) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]"
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
