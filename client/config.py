@@ -12,7 +12,9 @@ class ClientConfig:
     step_timeout_s: float = 120.0  # deadline for one hop's answer to a prefill or replay step
     decode_timeout_floor_s: float = 1.5  # a decode step's deadline is never shorter than this
     decode_timeout_factor: float = 10.0  # ... and otherwise this many times the hop's typical step time
-    open_timeout_s: float = 10.0  # deadline for a hop to open a session
+    open_timeout_s: float = 10.0  # deadline for a hop to open a session (on top of cache_wait_s)
+    cache_wait_s: float = 5.0  # how long a full peer may keep a new session waiting for cache memory
+    quantizations: tuple[str, ...] | None = None  # peers' quantizations to use ("none", "int8", "nf4"); None = any
     retry_budget_s: float = 60.0  # how long one step may spend recovering from failed hops
     max_attempts: int = 12  # failed hops one step may recover from before giving up
     ban_base_s: float = 2.0  # first ban of a failed peer; doubles with each failure

@@ -53,22 +53,35 @@ class RemoteSwarm:
         max_age_s = self.config.records_max_age_s if max_age_s is None else max_age_s
         if time.monotonic() - self._records_at > max_age_s:
             fetched = await fetch_records(self._dht, self.model_name)
-            self._records = [record for record in fetched if record.num_layers == self.num_layers]
+            allowed = self.config.quantizations
+            self._records = [
+                record for record in fetched
+                if record.num_layers == self.num_layers and (allowed is None or record.quantization in allowed)
+            ]
             self._records_at = time.monotonic()
         return self._records
 
     async def route(
-        self, start: int, end: int, exclude: Collection[str] = (), *, fresh: bool = False, wait_s: float | None = None
+        self, start: int, end: int, exclude: Collection[str] = (), *, fresh: bool = False, wait_s: float | None = None,
+        cache_tokens: int = 0,
     ) -> list[Hop]:
         """A chain of peers for layers [start, end), waiting up to ``wait_s`` for coverage.
 
-        ``fresh`` reads the DHT now instead of reusing a recent view (after a failure, say).
+        ``fresh`` reads the DHT now instead of reusing a recent view (after a failure, say). Peers
+        that announced less free cache than ``cache_tokens`` are avoided when others can serve.
         """
         deadline = time.monotonic() + (self.config.route_wait_s if wait_s is None else wait_s)
         max_age_s: float | None = 0.0 if fresh else None
         while True:
+            records = await self.records(max_age_s)
+            full = {record.peer_id for record in records if record.free_cache_tokens < cache_tokens}
             try:
-                return find_route(await self.records(max_age_s), start, end, exclude=exclude)
+                if full:
+                    try:
+                        return find_route(records, start, end, exclude={*exclude, *full})
+                    except MissingLayersError:
+                        pass  # only full peers serve some layers: try them, they may have room by now
+                return find_route(records, start, end, exclude=exclude)
             except MissingLayersError as error:
                 if time.monotonic() >= deadline:
                     raise MissingLayersError(self.model_name, error.missing) from None

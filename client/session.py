@@ -207,7 +207,8 @@ class InferenceSession:
     async def _build_chain(
         self, start: int, end: int, history: torch.Tensor | None, exclude: set[str], fresh: bool, wait_s: float
     ) -> list[HopStream]:
-        route = await self.swarm.route(start, end, exclude=exclude, fresh=fresh, wait_s=wait_s)
+        needed = self.batch_size * self.max_length
+        route = await self.swarm.route(start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed)
         streams: list[HopStream] = []
         try:
             replay = history
@@ -230,10 +231,10 @@ class InferenceSession:
         call = self.swarm.stub(hop.peer.address).Inference()
         opened = pb.OpenSession(
             session_id=session_id, start_layer=hop.start, end_layer=hop.end, batch_size=self.batch_size,
-            max_length=self.max_length, pad_lengths=self.pad_lengths,
+            max_length=self.max_length, pad_lengths=self.pad_lengths, open_timeout_s=self.config.cache_wait_s,
         )
         try:
-            async with asyncio.timeout(self.config.open_timeout_s):
+            async with asyncio.timeout(self.config.open_timeout_s + self.config.cache_wait_s):
                 await call.write(pb.InferenceRequest(open=opened))
                 response = await call.read()
             if response is grpc.aio.EOF:

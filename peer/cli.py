@@ -26,18 +26,21 @@ def parse_layers(text: str) -> tuple[int, int]:
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="Local checkpoint folder or Hugging Face repo id.")],
-    layers: Annotated[str, typer.Option(help="Half-open span of layers to host, START:END.")],
     initial_peers: Annotated[list[str], typer.Option("--initial-peers", help="DHT multiaddr(s) to join.")],
+    layers: Annotated[str, typer.Option(help="START:END (half-open), or auto: as many as fit, where needed.")] = "auto",
     port: Annotated[int, typer.Option(help="gRPC port (0 = any free port).")] = 0,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     announce_host: Annotated[str | None, typer.Option(help="Address clients dial (default: --host).")] = None,
     dht_listen: Annotated[list[str] | None, typer.Option(help="DHT listen multiaddr(s).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    quant: Annotated[str, typer.Option(help="Quantize linear weights: none | int8 | nf4.")] = "none",
+    max_memory: Annotated[str | None, typer.Option(help="Budget for weights + KV cache, e.g. 6GiB.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     model_name: Annotated[str | None, typer.Option(help="Name in the DHT (default: repo id or folder name).")] = None,
     identity: Annotated[str | None, typer.Option(help="Ed25519 key file; created on first run.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of the checkpoint.")] = None,
-    cache_tokens: Annotated[int, typer.Option(help="KV cache pool size in positions.")] = 16384,
+    cache_tokens: Annotated[int | None, typer.Option(help="KV cache pool size in positions (default: plan).")] = None,
+    session_idle_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is freed.")] = 300.0,
     num_threads: Annotated[int | None, typer.Option(help="torch threads for compute.")] = None,
     announce_period: Annotated[float, typer.Option(help="Seconds between DHT record refreshes.")] = 10.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds a record lives without refresh.")] = 20.0,
@@ -46,7 +49,15 @@ def run(
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    start, end = parse_layers(layers)
+    if quant not in ("none", "int8", "nf4"):
+        raise typer.BadParameter(f"--quant must be none, int8 or nf4, got {quant!r}")
+    start, end = (None, None) if layers == "auto" else parse_layers(layers)
+    from brigade.kernels.memory import parse_bytes
+
+    try:
+        max_memory_bytes = parse_bytes(max_memory) if max_memory else None
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     config = PeerConfig(
         model=model,
         start_layer=start,
@@ -59,10 +70,13 @@ def run(
         dht_listen=tuple(dht_listen) if dht_listen else PeerConfig.dht_listen,
         identity_path=identity,
         dtype=dtype,
+        quantization=quant,
+        max_memory_bytes=max_memory_bytes,
         device=device,
         revision=revision,
         num_threads=num_threads,
         cache_tokens=cache_tokens,
+        session_idle_timeout_s=session_idle_timeout,
         announce_period_s=announce_period,
         record_ttl_s=record_ttl,
         drain_grace_s=drain_grace,

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class PeerConfig:
     model: str  # local folder or Hugging Face repo id
-    start_layer: int  # first hosted layer (inclusive)
-    end_layer: int  # last hosted layer (exclusive)
+    start_layer: int | None = None  # first hosted layer (inclusive); None = choose from the swarm ("auto")
+    end_layer: int | None = None  # last hosted layer (exclusive); None = as many as fit in max_memory_bytes
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to bootstrap from
     model_name: str | None = None  # DHT name of the model; derived from `model` when None
     host: str = "127.0.0.1"  # interface the gRPC server binds
@@ -18,16 +18,20 @@ class PeerConfig:
     dht_listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs the DHT node listens on
     identity_path: str | None = None  # Ed25519 key file; a fresh key each run when None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    quantization: str = "none"  # linear weights: none | int8 | nf4 (bitsandbytes)
+    max_memory_bytes: int | None = None  # budget for weights + KV cache (+ this process on CPU); None = half of free
+    cache_share: float = 0.25  # share of the budget kept for the KV cache when sizing the span
     device: str = "cpu"  # cpu | cuda | cuda:N
     revision: str | None = None  # Hub revision of the checkpoint
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
-    cache_tokens: int = 16384  # KV cache pool size, in positions (one sequence, all hosted layers)
+    cache_tokens: int | None = None  # KV cache pool size in positions (one sequence, all hosted layers); None = plan
     cache_page_tokens: int = 64  # allocation granule of the pool, in positions
     max_batch_size: int = 64  # sequences per session
     max_session_length: int = 8192  # positions per sequence a session may ask for
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
     max_tensor_bytes: int = 48 * 1024 * 1024  # one decoded tensor, checked before allocation
     session_idle_timeout_s: float = 300.0  # a stream silent this long is closed and its cache freed
+    max_admission_wait_s: float = 60.0  # longest a new session may wait for cache pages (client asks up to this)
     announce_period_s: float = 10.0  # seconds between record refreshes
     record_ttl_s: float = 20.0  # records expire this long after the last refresh: a dead peer is gone in 2 periods
     drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
@@ -35,4 +39,6 @@ class PeerConfig:
 
     @property
     def num_layers(self) -> int:
+        if self.start_layer is None or self.end_layer is None:
+            raise ValueError("the span is not chosen yet")
         return self.end_layer - self.start_layer

@@ -32,6 +32,18 @@ class LaunchedProcess:
     args: list[str]
     threads: int | None = None
     info: dict[str, object] = field(default_factory=dict)
+    # Every process group this entry ever ran: a killed peer's forked children (hivemind's DHT
+    # process and its p2pd daemon) outlive it in its old group, and must still be stopped.
+    groups: list[int] = field(default_factory=list)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Sends ``sig`` to the whole process group, as when the machine itself dies or hangs."""
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            self.process.wait(10)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -76,7 +88,7 @@ class LocalSwarm:
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop children in order
         )
         log_file.close()
-        return LaunchedProcess(name, process, log_path, args, threads)
+        return LaunchedProcess(name, process, log_path, args, threads, groups=[process.pid])
 
     def _wait_ready(self, launched: LaunchedProcess, mark: str, timeout_s: float) -> dict[str, object]:
         deadline = time.monotonic() + timeout_s
@@ -100,22 +112,23 @@ class LocalSwarm:
     def add_peer(
         self,
         model: str,
-        layers: tuple[int, int],
+        layers: tuple[int, int] | None,
         *,
         extra_args: list[str] | None = None,
         wait: bool = True,
         timeout_s: float = 120.0,
     ) -> LaunchedProcess:
-        """Starts a peer hosting ``layers`` of ``model``; waits for its ready line unless told not to."""
+        """Starts a peer hosting ``layers`` of ``model`` (None: auto); waits for its ready line unless told not to."""
         if not self.initial_peers:
             raise RuntimeError("start the bootstrap node first")
-        args = ["peer", "run", model, "--layers", f"{layers[0]}:{layers[1]}"]
+        span = "auto" if layers is None else f"{layers[0]}:{layers[1]}"
+        args = ["peer", "run", model, "--layers", span]
         for maddr in self.initial_peers:
             args += ["--initial-peers", maddr]
         if self.peer_threads:
             args += ["--num-threads", str(self.peer_threads)]
         args += extra_args or []
-        launched = self._spawn(f"peer{len(self.peers)}-{layers[0]}-{layers[1]}", args, self.peer_threads)
+        launched = self._spawn(f"peer{len(self.peers)}-{span.replace(':', '-')}", args, self.peer_threads)
         self.peers.append(launched)
         if wait:
             self._wait_ready(launched, PEER_READY, timeout_s)
@@ -135,6 +148,7 @@ class LocalSwarm:
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=_child_env(launched.threads), start_new_session=True,
             )
+        launched.groups.append(launched.process.pid)
         launched.info = {}
         if wait:
             self.wait_ready(launched, timeout_s)
@@ -171,12 +185,14 @@ class LocalSwarm:
                 except ProcessLookupError:
                     pass
                 launched.process.wait(10)
-        # hivemind leaves p2pd daemons in each child's session; make sure none outlives the swarm.
+        # Forked children (hivemind's DHT process, p2pd) stay in their group when a peer dies: stop
+        # every group any incarnation ever had, so nothing outlives the swarm.
         for launched in everyone:
-            try:
-                os.killpg(launched.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            for group in launched.groups:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def __enter__(self) -> LocalSwarm:
         return self

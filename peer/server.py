@@ -12,8 +12,11 @@ from typing import Any
 import grpc
 
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
+from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
+from brigade.peer.lifetime import children_die_with_this_process
+from brigade.peer.planning import resolve_span
 from brigade.peer.servicer import PeerServicer
 from brigade.peer.sessions import SessionManager
 from brigade.peer.throughput import measure_decode_throughput
@@ -22,6 +25,7 @@ from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, model_name_for
 from brigade.routing.announce import Announcer
 from brigade.routing.dht import start_dht
+from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +72,24 @@ class PeerServer:
         dtype = COMPUTE_DTYPES[config.dtype]
         model_config = load_config(config.model, config.revision)
         num_layers = model_config.num_hidden_layers
-        if not 0 <= config.start_layer < config.end_layer <= num_layers:
+        if config.start_layer is not None and not 0 <= config.start_layer < (config.end_layer or 0) <= num_layers:
             raise ValueError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers}")
         loop = asyncio.get_running_loop()
+        self._dht = await loop.run_in_executor(
+            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen)
+        )
+        records = await fetch_records(self._dht, self.model_name) if config.start_layer is None else []
+        config, plan = resolve_span(config, model_config, records)
+        self.config = config
+        print(f"plan: layers {config.start_layer}:{config.end_layer} at {config.dtype}/{config.quantization}: "
+              f"{plan.describe()}", flush=True)
         span = await loop.run_in_executor(
             None,
-            lambda: load_span(config.model, config.start_layer, config.end_layer, dtype=dtype,
-                              device=config.device, revision=config.revision, config=model_config),
+            lambda: quantize_span(
+                load_span(config.model, config.start_layer, config.end_layer, dtype=dtype, device=config.device,
+                          revision=config.revision, config=model_config),
+                config.quantization, config.device,
+            ),
         )
         self.throughput = await loop.run_in_executor(
             None, measure_decode_throughput, span, dtype, config.device
@@ -93,9 +108,6 @@ class PeerServer:
         await self._server.start()
         self.address = f"{config.announce_host or config.host}:{port}"
 
-        self._dht = await loop.run_in_executor(
-            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen)
-        )
         self._announcer = Announcer(
             self._dht, self.identity, self._make_record,
             period_s=config.announce_period_s, ttl_s=config.record_ttl_s,
@@ -118,6 +130,7 @@ class PeerServer:
             end_layer=self.config.end_layer,
             num_layers=self._sessions.args.num_layers,
             dtype=self.config.dtype,
+            quantization=self.config.quantization,
             throughput=self.throughput,
             free_cache_tokens=self._sessions.pool.free_tokens,
             state=state,  # type: ignore[arg-type]
@@ -131,6 +144,8 @@ class PeerServer:
             "address": self.address,
             "model_name": self.model_name,
             "layers": f"{self.config.start_layer}:{self.config.end_layer}",
+            "quantization": self.config.quantization,
+            "cache_tokens": self.config.cache_tokens,
             "throughput": round(self.throughput, 2),
         }
         return f"{READY_MARK} {json.dumps(info)}"
@@ -185,4 +200,5 @@ async def run_peer(config: PeerConfig) -> None:
 
 def main(config: PeerConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    children_die_with_this_process()
     asyncio.run(run_peer(config))

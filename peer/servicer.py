@@ -76,7 +76,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 if kind == "open":
                     if session is not None:
                         raise InvalidRequestError("this stream already has a session; open a new stream")
-                    session = self.sessions.open(request.open)
+                    session = await self.sessions.open(request.open)
                     yield pb.InferenceResponse(
                         opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)
                     )
@@ -141,7 +141,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             num_layers=self.sessions.args.num_layers,
             hidden_size=self.hidden_size,
             dtype=self.config.dtype,
-            quantization="none",
+            quantization=self.config.quantization,
             version=PROTOCOL_VERSION,
             max_length=min(self.config.max_session_length, self.sessions.args.max_position_embeddings),
             free_cache_tokens=self.sessions.pool.free_tokens,

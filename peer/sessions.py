@@ -6,6 +6,7 @@ per sequence and grows geometrically, each growth paid for from the pool first.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass, field
@@ -55,8 +56,52 @@ class SessionManager:
         self.pool = CachePool(config.cache_tokens, config.cache_page_tokens)
         self.sessions: dict[str, Session] = {}
         self.accepting = True
+        self._freed = asyncio.Event()  # set whenever pages go back to the pool
 
-    def open(self, request: pb.OpenSession) -> Session:
+    async def open(self, request: pb.OpenSession) -> Session:
+        """Admits a session, waiting up to the client's open_timeout_s for cache pages to free up."""
+        self._check_open(request)
+        capacity = min(request.max_length, self.pool.page_tokens)
+        pages = self.pool.pages_for(capacity) * request.batch_size
+        wait_s = min(max(request.open_timeout_s, 0.0), self.config.max_admission_wait_s)
+        deadline = time.monotonic() + wait_s
+        while not self.pool.try_reserve(pages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CacheFullError(
+                    f"KV cache is full: a new session needs {pages * self.pool.page_tokens} positions, "
+                    f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
+                )
+            self._freed.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._freed.wait()
+            except TimeoutError:
+                pass
+            self._check_open(request)  # the peer may have started draining meanwhile
+        try:
+            cache = KVCache.allocate(
+                request.start_layer, request.end_layer, request.batch_size, self.args.num_kv_heads,
+                self.args.head_dim, capacity, self.dtype, self.device,
+            )
+        except BaseException:
+            self._release(pages)
+            raise
+        pads = list(request.pad_lengths) or [0] * request.batch_size
+        session = Session(
+            session_id=request.session_id,
+            start=request.start_layer,
+            end=request.end_layer,
+            batch_size=request.batch_size,
+            max_length=request.max_length,
+            pad_lengths=torch.tensor(pads, dtype=torch.long, device=self.device),
+            cache=cache,
+            reserved_pages=pages,
+        )
+        self.sessions[session.session_id] = session
+        return session
+
+    def _check_open(self, request: pb.OpenSession) -> None:
         if not self.accepting:
             raise PeerLeavingError("this peer is shutting down and accepts no new sessions; route around it")
         if not SESSION_ID.match(request.session_id):
@@ -77,24 +122,6 @@ class SessionManager:
         pads = list(request.pad_lengths) or [0] * request.batch_size
         if len(pads) != request.batch_size or any(pad >= request.max_length for pad in pads):
             raise InvalidRequestError("pad_lengths needs one value per sequence, each below max_length")
-        capacity = min(request.max_length, self.pool.page_tokens)
-        pages = self._reserve(request.batch_size, capacity)
-        cache = KVCache.allocate(
-            start, end, request.batch_size, self.args.num_kv_heads, self.args.head_dim,
-            capacity, self.dtype, self.device,
-        )
-        session = Session(
-            session_id=request.session_id,
-            start=start,
-            end=end,
-            batch_size=request.batch_size,
-            max_length=request.max_length,
-            pad_lengths=torch.tensor(pads, dtype=torch.long, device=self.device),
-            cache=cache,
-            reserved_pages=pages,
-        )
-        self.sessions[session.session_id] = session
-        return session
 
     def prepare_step(self, session: Session, start_position: int, length: int) -> int:
         """Checks a step's positions and pays for the cache it needs; returns the new capacity.
@@ -123,21 +150,16 @@ class SessionManager:
                 return target
         raise CacheFullError(
             f"KV cache is full: the session needs {(needed - capacity) * session.batch_size} more positions, "
-            f"{self.pool.free_tokens} are free; retry later or use another peer"
+            f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
         )
 
-    def _reserve(self, batch: int, capacity: int) -> int:
-        pages = self.pool.pages_for(capacity) * batch
-        if not self.pool.try_reserve(pages):
-            raise CacheFullError(
-                f"KV cache is full: a new session needs {pages * self.pool.page_tokens} positions, "
-                f"{self.pool.free_tokens} are free; retry later or use another peer"
-            )
-        return pages
+    def _release(self, pages: int) -> None:
+        self.pool.release(pages)
+        self._freed.set()
 
     def close(self, session_id: str) -> None:
+        # The buffers are freed when the last reference goes: a step still computing (its client
+        # gave up mid-step) finishes on them harmlessly instead of failing on emptied lists.
         session = self.sessions.pop(session_id, None)
         if session is not None:
-            self.pool.release(session.reserved_pages)
-            session.cache.keys.clear()
-            session.cache.values.clear()
+            self._release(session.reserved_pages)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent / "checkpoint"
+DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parent / "brigade-tiny-stdlib"
 DEFAULT_MODEL_NAME = "brigade-tiny-stdlib"
 
 __all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_MODEL_NAME"]

@@ -72,3 +72,17 @@ def test_unsupported_family_is_named(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedModelError, match=r"gpt2.*supported: llama, mistral, qwen2"):
         LlamaArgs.from_config(GPT2Config())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_spans_stay_close_to_fp32(dtype: torch.dtype, tmp_path: Path) -> None:
+    folder = build_checkpoint(tmp_path / "llama", "llama", seed=5)
+    exact = load_span(str(folder), 0, 6)
+    reduced = load_span(str(folder), 0, 6, dtype=dtype)
+    hidden = torch.randn(2, 7, 64)
+    pads = torch.tensor([0, 2])
+    expected = exact(hidden, pads)
+    got = reduced(hidden.to(dtype), pads).float()
+    # 8 (bf16) or 11 (fp16) mantissa bits through 6 layers: a few percent of the activations' scale.
+    scale = expected.abs().mean()
+    assert (got - expected)[:, 2:].abs().mean() < 0.05 * scale

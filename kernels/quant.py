@@ -1,0 +1,77 @@
+"""Quantizing a loaded span's linear layers with bitsandbytes (nf4 or int8), on CPU or CUDA.
+
+Weights are loaded at full precision first and then replaced module by module, so loading code
+stays one path for every format. Norms and biases keep the span's dtype; the client's
+embeddings and LM head are never quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from brigade.kernels.llama import LlamaSpan
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8", "nf4")
+NF4_BLOCKSIZE = 64
+
+
+def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, device: str) -> nn.Module:
+    import bitsandbytes as bnb  # imported here: peers that do not quantize never load it
+
+    has_bias = linear.bias is not None
+    if kind == "nf4":
+        module = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+            quant_type="nf4", device="meta",
+        )
+        module.weight = bnb.nn.Params4bit(
+            linear.weight.data.float(), requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE,
+        )
+    elif kind == "int8":
+        module = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, device="meta",
+        )
+        module.weight = bnb.nn.Int8Params(linear.weight.data.float(), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"unknown quantization {kind!r}; expected one of {QUANTIZATIONS}")
+    if has_bias:
+        module.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return module.to(device)  # moving Params4bit / Int8Params to the device is what quantizes them
+
+
+def quantize_span(span: LlamaSpan, kind: str, device: str = "cpu") -> LlamaSpan:
+    """Replaces every linear layer of ``span`` by its ``kind`` version; ``"none"`` returns it as is."""
+    if kind == "none":
+        return span
+    if kind not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {kind!r}; expected one of {QUANTIZATIONS}")
+    compute_dtype = next(span.parameters()).dtype
+    for layer in span.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, _quantized_linear(child, kind, compute_dtype, device))
+    span.quantization = kind
+    logger.info("quantized layers %d:%d to %s", span.start, span.end, kind)
+    return span
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes a module holds in parameters and buffers, quantization state included."""
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            for extra in (getattr(state, "absmax", None), getattr(state, "code", None)):
+                if isinstance(extra, torch.Tensor):
+                    total += extra.numel() * extra.element_size()
+        scales = getattr(tensor, "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            total += scales.numel() * scales.element_size()
+    return total

@@ -1,0 +1,54 @@
+"""Sizing a peer before it loads anything: which layers, how much KV cache, in what budget.
+
+The plan is printed before loading, so a volunteer sees what the peer will take of the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from brigade.kernels.llama import LlamaArgs
+from brigade.kernels.loading import COMPUTE_DTYPES
+from brigade.kernels.memory import SpanPlan, kv_bytes_per_token, layer_bytes, plan_span
+from brigade.peer.config import PeerConfig
+from brigade.peer.resources import available_bytes, resident_bytes
+from brigade.protocol.records import PeerRecord
+from brigade.routing.span_choice import choose_span
+
+logger = logging.getLogger(__name__)
+
+
+def budget_and_overhead(config: PeerConfig) -> tuple[int, int]:
+    """The memory budget and what this process already holds of it (on CPU the process counts)."""
+    budget = config.max_memory_bytes or available_bytes(config.device) // 2
+    overhead = 0 if config.device.startswith("cuda") else resident_bytes()
+    return budget, overhead
+
+
+def resolve_span(config: PeerConfig, model_config: Any, records: list[PeerRecord]) -> tuple[PeerConfig, SpanPlan]:
+    """The config with its span and cache size decided, and the plan that decided them."""
+    args = LlamaArgs.from_config(model_config)
+    dtype_bytes = COMPUTE_DTYPES[config.dtype].itemsize
+    budget, overhead = budget_and_overhead(config)
+    if config.start_layer is None or config.end_layer is None:
+        plan = plan_span(args, budget, dtype_bytes, config.quantization, cache_share=config.cache_share,
+                         overhead_bytes=overhead)
+        start, end = choose_span(records, args.num_layers, plan.num_layers)
+    else:
+        start, end = config.start_layer, config.end_layer
+        count = end - start
+        weights = count * layer_bytes(args, dtype_bytes, config.quantization)
+        per_token = kv_bytes_per_token(args, dtype_bytes, count)
+        left = budget - overhead - weights
+        if left < per_token * config.cache_page_tokens:
+            raise ValueError(
+                f"layers {start}:{end} take {weights / 2**30:.2f} GiB of weights, which leaves no room for a KV "
+                f"cache in a {budget / 2**30:.2f} GiB budget ({overhead / 2**30:.2f} GiB already in use); "
+                "host fewer layers, quantize (--quant nf4), or raise --max-memory"
+            )
+        plan = SpanPlan(num_layers=count, weight_bytes=weights, cache_tokens=left // per_token,
+                        cache_bytes=(left // per_token) * per_token, budget_bytes=budget)
+    cache_tokens = config.cache_tokens or plan.cache_tokens
+    return replace(config, start_layer=start, end_layer=end, cache_tokens=cache_tokens), plan
