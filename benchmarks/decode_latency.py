@@ -12,14 +12,20 @@ since the machine is shared and noisy; ratios come from one run of this script.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see brigade/cli.py: peers share the cores
+# Each side runs as its users run it: local transformers in a fresh process with default settings
+# (``--local-only``, spawned per round), the swarm's client here with OMP_WAIT_POLICY=PASSIVE as the
+# `brigade` entry point sets it (idle OpenMP threads must not spin while the peers compute).
+if "--local-only" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,6 +82,25 @@ def time_local(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -
     return clock.ms_per_token(), out[0].tolist()
 
 
+def time_local_process(checkpoint: Path, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """Local transformers in a fresh process with the default environment, as a plain user runs it."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    command = [sys.executable, __file__, "--local-only", str(checkpoint), "--new-tokens", str(new_tokens),
+               "--prompt", ",".join(str(t) for t in prompt[0].tolist())]
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=600).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    return result["ms_per_token"], result["tokens"]
+
+
+def local_only(checkpoint: str, prompt_text: str, new_tokens: int) -> int:
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([[int(t) for t in prompt_text.split(",")]])
+    time_local(model, prompt, 4)  # warm-up
+    ms, tokens = time_local(model, prompt, new_tokens)
+    print(json.dumps({"ms_per_token": ms, "tokens": tokens}))
+    return 0
+
+
 def time_swarm(model: DistributedModelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
     clock = TokenClock()
     out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
@@ -89,16 +114,19 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-only", metavar="CHECKPOINT", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.local_only:
+        return local_only(args.local_only, args.prompt, args.new_tokens)
     shape = SHAPES["small" if args.small else "250m"]
     torch.set_num_threads(os.cpu_count() or 1)
 
     with tempfile.TemporaryDirectory(prefix="brigade-bench-") as tmp:
         checkpoint = Path(tmp) / "llama-bench"
-        local = build_checkpoint(checkpoint, shape)
+        build_checkpoint(checkpoint, shape)
         generator = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, shape["vocab_size"], (1, args.prompt_tokens), generator=generator)
-        time_local(local, prompt, 4)  # warm-up
         rows: list[tuple[str, float, bool]] = []
         local_times: list[float] = []
         for peers in args.peers:
@@ -113,7 +141,7 @@ def main() -> int:
                     time_swarm(remote, prompt, 4)  # warm-up: connections, allocator
                     swarm_times, same = [], True
                     for _ in range(args.rounds):
-                        local_ms, local_tokens = time_local(local, prompt, args.new_tokens)
+                        local_ms, local_tokens = time_local_process(checkpoint, prompt, args.new_tokens)
                         swarm_ms, swarm_tokens = time_swarm(remote, prompt, args.new_tokens)
                         local_times.append(local_ms)
                         swarm_times.append(swarm_ms)
