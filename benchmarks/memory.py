@@ -38,6 +38,7 @@ from brigade.kernels.memory import (
     layer_bytes,
     plan_span,
 )
+from brigade.kernels.quant import module_bytes
 
 BUDGETS_GIB = (8, 24, 80)
 SMALL_SHAPE = dict(
@@ -108,24 +109,6 @@ def print_planned(name: str, config: Any) -> None:
         print(f"  {setting.name:<8}{format_bytes(per_layer):>16}{per_position:>20,}{cells}")
 
 
-def _stored_bytes(module: nn.Module) -> int:
-    """Parameters and buffers, plus bitsandbytes' int8 row scales and nf4 absmax (nested ones too)."""
-
-    def size(tensor: torch.Tensor) -> int:
-        return tensor.numel() * tensor.element_size()
-
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        total += size(tensor)
-        scales = getattr(tensor, "SCB", None)
-        if isinstance(scales, torch.Tensor):
-            total += size(scales)
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            total += size(state.absmax)
-            if getattr(state, "nested", False):
-                total += size(state.state2.absmax) + size(torch.as_tensor(state.offset))
-    return total
 
 
 def _load(folder: Path, setting: Setting, device: str, quantize: Callable[..., Any] | None) -> nn.Module | None:
@@ -167,7 +150,7 @@ def print_measured(folder: Path) -> None:
                 f"{kv_computed:>20,}{kv_measured:>20,}{_relative(kv_computed, kv_measured):>8}"
             )
             continue
-        measured = _stored_bytes(span.layers) / layers  # the rotary buffer belongs to the span, not a layer
+        measured = module_bytes(span.layers) / layers  # the rotary buffer belongs to the span, not a layer
         print(
             f"  {setting.name:<8}{computed:>18,}{measured:>18,.0f}{_relative(computed, measured):>8}"
             f"{kv_computed:>20,}{kv_measured:>20,}{_relative(kv_computed, kv_measured):>8}"

@@ -61,17 +61,25 @@ def quantize_span(span: LlamaSpan, kind: str, device: str = "cpu") -> LlamaSpan:
     return span
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def module_bytes(module: nn.Module) -> int:
-    """Bytes a module holds in parameters and buffers, quantization state included."""
+    """Bytes a module stores: parameters, buffers and bitsandbytes' side tensors.
+
+    Side tensors are int8 row scales and nf4 block absmax (with its own absmax and offset when
+    double-quantized). The constant nf4 code tables are left out: they are shared, not per layer.
+    """
     total = 0
     for tensor in [*module.parameters(), *module.buffers()]:
-        total += tensor.numel() * tensor.element_size()
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            for extra in (getattr(state, "absmax", None), getattr(state, "code", None)):
-                if isinstance(extra, torch.Tensor):
-                    total += extra.numel() * extra.element_size()
+        total += _tensor_bytes(tensor)
         scales = getattr(tensor, "SCB", None)
         if isinstance(scales, torch.Tensor):
-            total += scales.numel() * scales.element_size()
+            total += _tensor_bytes(scales)
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += _tensor_bytes(state.absmax)
+            if getattr(state, "nested", False):
+                total += _tensor_bytes(state.state2.absmax) + _tensor_bytes(torch.as_tensor(state.offset))
     return total

@@ -27,6 +27,7 @@ from brigade.kernels.memory import (
     parse_bytes,
     plan_span,
 )
+from brigade.kernels.quant import module_bytes
 
 TINY_LAYERS = 4
 
@@ -37,27 +38,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("memory") / "tiny-llama", "llama", num_hidden_layers=TINY_LAYERS)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
-
-def _stored_bytes(module: nn.Module) -> int:
-    """Parameters, buffers and bitsandbytes' side tensors (int8 row scales, nf4 absmax, nested absmax).
-
-    The constant nf4 code tables are left out on purpose: ``layer_bytes`` does not model them.
-    """
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        total += _tensor_bytes(tensor)
-        scales = getattr(tensor, "SCB", None)
-        if isinstance(scales, torch.Tensor):
-            total += _tensor_bytes(scales)
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            total += _tensor_bytes(state.absmax)
-            if getattr(state, "nested", False):  # absmax double-quantized: its own fp32 absmax and offset
-                total += _tensor_bytes(state.state2.absmax) + _tensor_bytes(torch.as_tensor(state.offset))
-    return total
 
 
 @pytest.mark.parametrize(("dtype", "dtype_bytes"), [(torch.float32, 4), (torch.bfloat16, 2)])
@@ -130,7 +111,7 @@ def test_quantized_layer_bytes_are_within_ten_percent_of_a_quantized_span(tiny_c
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed; int8/nf4 cannot be measured")
     for kind in ("int8", "nf4"):
         span = quant.quantize_span(load_span(str(tiny_checkpoint), 0, TINY_LAYERS, dtype=torch.bfloat16), kind)
-        measured = _stored_bytes(span.layers) / TINY_LAYERS  # the rotary buffer is per span, not per layer
+        measured = module_bytes(span.layers) / TINY_LAYERS  # the rotary buffer is per span, not per layer
         computed = layer_bytes(span.args, 2, kind)
         assert abs(computed - measured) <= 0.10 * measured, f"{kind}: computed {computed}, measured {measured}"
         # The plan must not undercount: quantization really shrinks the layer, and by about what it says.
