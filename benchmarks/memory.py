@@ -6,17 +6,15 @@ Part one is arithmetic over the published Llama-3-8B and Llama-3-70B shapes (ker
 no download): bytes per decoder layer and KV bytes per position at fp32, bf16, int8 and nf4, and
 the span a peer with 8, 24 or 80 GiB would host with a quarter of its budget kept for the cache.
 Part two checks that arithmetic against a small Llama checkpoint built here (random weights,
-fixed seed) and loaded with the real loader (and quantizer, when kernels/quant.py has one), so a
+fixed seed) and loaded with the real loader (and quantizer), so a
 mismatch between the planner and what peers really allocate shows up as a relative difference.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from brigade.kernels.memory import (
     layer_bytes,
     plan_span,
 )
-from brigade.kernels.quant import module_bytes
+from brigade.kernels.quant import module_bytes, quantize_span
 
 BUDGETS_GIB = (8, 24, 80)
 SMALL_SHAPE = dict(
@@ -72,15 +70,6 @@ SETTINGS = (
 )
 
 
-def _quantizer() -> Callable[..., Any] | None:
-    """kernels/quant.quantize_span, or None while that module is not there yet."""
-    try:
-        quant = importlib.import_module("brigade.kernels.quant")
-    except ImportError:
-        return None
-    return getattr(quant, "quantize_span", None)
-
-
 def _positions(count: int) -> str:
     if count >= 1_000_000:
         return f"{count / 1e6:.1f}M"
@@ -111,14 +100,9 @@ def print_planned(name: str, config: Any) -> None:
 
 
 
-def _load(folder: Path, setting: Setting, device: str, quantize: Callable[..., Any] | None) -> nn.Module | None:
-    if setting.quantization != "none" and quantize is None:
-        return None
+def _load(folder: Path, setting: Setting, device: str) -> nn.Module:
     span = load_span(str(folder), 0, SMALL_SHAPE["num_hidden_layers"], dtype=setting.dtype, device=device)
-    if setting.quantization != "none":
-        assert quantize is not None
-        span = quantize(span, setting.quantization, device=device)
-    return span
+    return quantize_span(span, setting.quantization, device=device)
 
 
 def _relative(computed: float, measured: float) -> str:
@@ -126,7 +110,6 @@ def _relative(computed: float, measured: float) -> str:
 
 
 def print_measured(folder: Path) -> None:
-    quantize = _quantizer()
     config = LlamaConfig(**SMALL_SHAPE)
     args = LlamaArgs.from_config(config)
     layers = args.num_layers
@@ -143,13 +126,7 @@ def print_measured(folder: Path) -> None:
         kv_computed = kv_bytes_per_token(args, setting.dtype_bytes, layers)
         cache = KVCache.allocate(0, layers, 1, args.num_kv_heads, args.head_dim, 64, setting.dtype)
         kv_measured = cache.nbytes() // 64
-        span = _load(folder, setting, "cpu", quantize)
-        if span is None:
-            print(
-                f"  {setting.name:<8}{computed:>18,}{'(no quantizer)':>18}{'':>8}"
-                f"{kv_computed:>20,}{kv_measured:>20,}{_relative(kv_computed, kv_measured):>8}"
-            )
-            continue
+        span = _load(folder, setting, "cpu")
         measured = module_bytes(span.layers) / layers  # the rotary buffer belongs to the span, not a layer
         print(
             f"  {setting.name:<8}{computed:>18,}{measured:>18,.0f}{_relative(computed, measured):>8}"
@@ -158,12 +135,10 @@ def print_measured(folder: Path) -> None:
     print("  B/layer: one layer's weights; KV B/pos: one position over all the span's layers, from KVCache.allocate.")
     print("  measured: parameters + buffers + int8 row scales + nf4 absmax (nested absmax included) per layer;")
     print("  nf4 is computed with fp32 absmax per 64 weights, an upper bound when bitsandbytes double-quantizes it.")
-    if quantize is None:
-        print("  int8/nf4 were not measured: kernels/quant.py has no quantize_span yet.")
-    print_cuda(folder, args, quantize)
+    print_cuda(folder, args)
 
 
-def print_cuda(folder: Path, args: LlamaArgs, quantize: Callable[..., Any] | None) -> None:
+def print_cuda(folder: Path, args: LlamaArgs) -> None:
     if not torch.cuda.is_available():
         print("\nCUDA figures skipped: no GPU is present (torch.cuda.is_available() is False).")
         return
@@ -177,10 +152,7 @@ def print_cuda(folder: Path, args: LlamaArgs, quantize: Callable[..., Any] | Non
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        span = _load(folder, setting, "cuda", quantize)
-        if span is None:
-            print(f"  {setting.name:<8}{computed:>18,}{'(no quantizer)':>19}")
-            continue
+        span = _load(folder, setting, "cuda")
         gc.collect()
         torch.cuda.synchronize()
         allocated = (torch.cuda.memory_allocated() - before) / layers
