@@ -13,7 +13,12 @@ import typer
 from brigade.client.cli import generate
 from brigade.demo import demo
 from brigade.peer.cli import app as peer_app
+from brigade.peer.lifetime import children_die_with_this_process
 from brigade.routing.cli import dht
+
+# hivemind forks a DHT process (which starts p2pd) in every command that joins the swarm; if this
+# process is killed, those children must not live on.
+children_die_with_this_process()
 
 app = typer.Typer(help="brigade: run large language models across a swarm of peers.", no_args_is_help=True)
 app.add_typer(peer_app, name="peer")

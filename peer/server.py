@@ -15,7 +15,6 @@ from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
-from brigade.peer.lifetime import children_die_with_this_process
 from brigade.peer.planning import resolve_span
 from brigade.peer.servicer import PeerServicer
 from brigade.peer.sessions import SessionManager
@@ -200,5 +199,4 @@ async def run_peer(config: PeerConfig) -> None:
 
 def main(config: PeerConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    children_die_with_this_process()
     asyncio.run(run_peer(config))
