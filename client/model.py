@@ -185,6 +185,9 @@ class DistributedModelForCausalLM:
         run = self._loop.run
         run(session.open())
         try:
+            self.last_route = _describe(session.route)
+            recoveries_seen = len(session.events)
+            eos_ids = torch.tensor(eos)
             sequences = input_ids
             unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
             hidden = self.head.embed(input_ids)
@@ -193,9 +196,11 @@ class DistributedModelForCausalLM:
                 tokens = choose(sequences, self.head.logits(out[:, -1]))
                 if eos:
                     tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-                    unfinished &= ~torch.isin(tokens, torch.tensor(eos))
+                    unfinished &= ~torch.isin(tokens, eos_ids)
                 sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-                self.last_route = [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in session.route]
+                if len(session.events) != recoveries_seen:  # the route only changes on a recovery
+                    recoveries_seen = len(session.events)
+                    self.last_route = _describe(session.route)
                 yield tokens
                 if not bool(unfinished.any()):
                     break
@@ -214,6 +219,10 @@ class DistributedModelForCausalLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _describe(route: list[Any]) -> list[str]:
+    return [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in route]
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -12,6 +12,7 @@ import grpc
 
 from brigade.client.config import ClientConfig
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
+from brigade.protocol.channel_options import grpc_options
 from brigade.protocol.errors import MissingLayersError
 from brigade.protocol.records import PeerRecord
 from brigade.routing.dht import start_dht
@@ -19,15 +20,6 @@ from brigade.routing.route import Hop, find_route
 from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
-
-KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
-    # The same limits the peer sets (peer/server.py), so neither side treats the other's pings as abuse.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-
 
 class RemoteSwarm:
     """Lives on the client's event loop; ``start`` joins the DHT, ``close`` leaves it."""
@@ -93,11 +85,7 @@ class RemoteSwarm:
         if channel is None:
             channel = grpc.aio.insecure_channel(
                 address,
-                options=[
-                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                    ("grpc.max_send_message_length", self.config.max_message_bytes),
-                    *KEEPALIVE_OPTIONS,
-                ],
+                options=grpc_options(self.config.max_message_bytes),
             )
             self._channels[address] = channel
         return pb_grpc.PeerStub(channel)

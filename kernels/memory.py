@@ -23,43 +23,32 @@ SCALE_BYTES = 4  # int8 row scales and nf4 block absmax are fp32
 GIB = 1 << 30
 
 
-def LLAMA3_8B() -> Any:
-    """The published shape of Meta-Llama-3-8B, built in code so planning needs no download.
-
-    A function, not a constant, so importing this module does not build transformers configs.
-    """
+def _llama3(hidden: int, intermediate: int, layers: int, heads: int) -> Any:
+    """A Llama-3 shape: what differs between sizes is passed, the rest all sizes share."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         num_key_value_heads=8,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
         tie_word_embeddings=False,
     )
+
+
+def LLAMA3_8B() -> Any:
+    """The published shape of Meta-Llama-3-8B, built in code so planning needs no download."""
+    return _llama3(hidden=4096, intermediate=14336, layers=32, heads=32)
 
 
 def LLAMA3_70B() -> Any:
     """The published shape of Meta-Llama-3-70B, built in code so planning needs no download."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
+    return _llama3(hidden=8192, intermediate=28672, layers=80, heads=64)
 
 
 def _linear_shapes(args: LlamaArgs) -> list[tuple[int, int]]:

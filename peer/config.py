@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ class PeerConfig:
     announce_period_s: float = 10.0  # seconds between record refreshes
     record_ttl_s: float = 20.0  # records expire this long after the last refresh: a dead peer is gone in 2 periods
     drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
-    extra: dict[str, str] = field(default_factory=dict)  # reserved for forward-compatible options
 
     @property
     def num_layers(self) -> int:

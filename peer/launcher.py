@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brigade.routing.cli import READY_MARK
+
 logger = logging.getLogger(__name__)
 
-DHT_READY = "BRIGADE_DHT_READY"
+DHT_READY = READY_MARK  # printed by `brigade dht` (routing/cli.py)
+
 PEER_READY = "BRIGADE_PEER_READY"
 
 

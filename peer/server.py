@@ -15,11 +15,13 @@ from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
+from brigade.peer.launcher import PEER_READY
 from brigade.peer.planning import resolve_span
 from brigade.peer.servicer import PeerServicer
 from brigade.peer.sessions import SessionManager
 from brigade.peer.throughput import measure_decode_throughput
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
+from brigade.protocol.channel_options import grpc_options
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, model_name_for
 from brigade.routing.announce import Announcer
@@ -28,25 +30,6 @@ from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
 
-READY_MARK = "BRIGADE_PEER_READY"
-
-
-def grpc_options(config_max_bytes: int) -> list[tuple[str, int]]:
-    """Message caps and keepalive; clients use the same keepalive so neither side trips the other."""
-    return [
-        ("grpc.max_receive_message_length", config_max_bytes),
-        ("grpc.max_send_message_length", config_max_bytes),
-        *KEEPALIVE_OPTIONS,
-    ]
-
-
-KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 class PeerServer:
@@ -147,7 +130,7 @@ class PeerServer:
             "cache_tokens": self.config.cache_tokens,
             "throughput": round(self.throughput, 2),
         }
-        return f"{READY_MARK} {json.dumps(info)}"
+        return f"{PEER_READY} {json.dumps(info)}"
 
     async def serve_until_stopped(self) -> None:
         stop = asyncio.Event()
