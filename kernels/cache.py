@@ -87,17 +87,23 @@ def positions_for(pad_lengths: torch.Tensor, offset: int, length: int) -> torch.
     return (slots[None, :] - pad_lengths[:, None]).clamp_min(0)
 
 
-def attention_mask(pad_lengths: torch.Tensor, offset: int, length: int) -> torch.Tensor | None:
+def attention_mask(
+    pad_lengths: torch.Tensor, offset: int, length: int, window: int | None = None
+) -> torch.Tensor | None:
     """Boolean mask [B, 1, T, offset + T]: causal, padding keys hidden; None when nothing is hidden.
 
+    ``window``: a query also does not see keys ``window`` or more slots behind it (sliding-window
+    attention; slots and positions differ by the same padding, so slot distance is position distance).
     A padding slot may see itself, so its row is never empty (an all-masked row makes NaNs that
     would then be rejected on the wire); its output is never used by real positions.
     """
-    if length == 1 and not bool(pad_lengths.any()):
-        return None  # one new position without padding sees every key: the common decode step
     total = offset + length
+    if length == 1 and not bool(pad_lengths.any()) and (window is None or total <= window):
+        return None  # one new position without padding sees every key: the common decode step
     queries = torch.arange(offset, total, device=pad_lengths.device)[:, None]  # [T, 1]
     keys = torch.arange(total, device=pad_lengths.device)[None, :]  # [1, S]
     causal = keys <= queries  # [T, S]
+    if window is not None:
+        causal &= keys > queries - window
     not_padding = keys[None] >= pad_lengths[:, None, None]  # [B, 1, S]
     return ((causal[None] & not_padding) | (keys == queries)[None])[:, None]  # [B, 1, T, S]

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brigade.kernels.cache import KVCache, attention_mask, positions_for
+from brigade.kernels.batch import Segment, SegmentBatch
+from brigade.kernels.cache import KVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")  # their frequencies depend on the sequence length
@@ -121,8 +122,8 @@ class Rotary(nn.Module):
         self.scaling = float(scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        freqs = positions[..., None].float() * self.inv_freq  # [N, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [N, D]
         return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
 
 
@@ -131,8 +132,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, T, D]; cos/sin: [B, T, D]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, D]; cos/sin: [N, D]
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
@@ -140,34 +141,21 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.window = args.sliding_window
         self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor] | None,
-        offset: int,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: SegmentBatch, layer: int
     ) -> torch.Tensor:
-        batch, length, _ = x.shape  # x: [B, T, H]
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)  # [B, heads, T, D]
-        if cache is not None:
-            keys, values = cache  # [B, kv_heads, capacity, D]
-            keys[:, :, offset : offset + length] = k
-            values[:, :, offset : offset + length] = v
-            k, v = keys[:, :, : offset + length], values[:, :, : offset + length]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [B, heads, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        rows = x.shape[0]  # x: [N, H], every session's new positions
+        q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [N, heads, D]
+        return self.o_proj(batch.attend(layer, q, k, v, window=self.window))  # [N, H]
 
 
 class MLP(nn.Module):
@@ -189,8 +177,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, cache, offset):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, offset)
+    def forward(self, x, cos, sin, batch: SegmentBatch, layer: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,22 +211,27 @@ class LlamaSpan(nn.Module):
         written into it, and ``cache.length`` advances by T. ``pad_lengths`` ([B]) is each
         sequence's left padding, which is masked out as keys and shifts its positions.
         """
+        return self.forward_segments([Segment(hidden, pad_lengths, cache)], layers)[0]
+
+    @torch.inference_mode()
+    def forward_segments(self, segments: list[Segment], layers: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """One pass of several sessions' new positions through ``layers``: one output per segment.
+
+        Each segment keeps its own cache, offset and padding (see ``kernels/batch.py``); the
+        projections and MLPs run once over all of their tokens together.
+        """
         start, end = layers or (self.start, self.end)
         if not self.start <= start < end <= self.end:
             raise ValueError(f"layers {start}:{end} are not inside this span {self.start}:{self.end}")
-        offset = cache.length if cache is not None else 0
-        length = hidden.shape[1]
-        if cache is not None and offset + length > cache.capacity:
-            raise ValueError(f"cache holds {cache.capacity} positions, step needs {offset + length}")
-        if self.args.sliding_window is not None and offset + length > self.args.sliding_window:
-            raise UnsupportedModelError(
-                f"sequences longer than the sliding window ({self.args.sliding_window}) are not supported yet"
-            )
-        cos, sin = self.rotary(positions_for(pad_lengths, offset, length), hidden.dtype)
-        mask = attention_mask(pad_lengths, offset, length)
+        for seg in segments:
+            cache = seg.cache
+            total = (cache.length if cache is not None else 0) + seg.hidden.shape[1]
+            if cache is not None and total > cache.capacity:
+                raise ValueError(f"cache holds {cache.capacity} positions, step needs {total}")
+        batch = SegmentBatch(segments)
+        hidden = batch.flatten()  # [N, H]
+        cos, sin = self.rotary(batch.positions, hidden.dtype)  # [N, D]
         for global_index in range(start, end):
-            layer_cache = cache.layer(global_index) if cache is not None else None
-            hidden = self.layers[global_index - self.start](hidden, cos, sin, mask, layer_cache, offset)
-        if cache is not None:
-            cache.length = offset + length
-        return hidden
+            hidden = self.layers[global_index - self.start](hidden, cos, sin, batch, global_index)
+        batch.advance()
+        return batch.unflatten(hidden)

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from brigade import __version__
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
@@ -41,6 +42,7 @@ class PeerServer:
         self.model_name = config.model_name or model_name_for(config.model)
         self.throughput = 0.0
         self.address = ""
+        self.started_at = 0.0
         self._server: grpc.aio.Server | None = None
         self._dht: Any = None
         self._announcer: Announcer | None = None
@@ -89,6 +91,9 @@ class PeerServer:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         await self._server.start()
         self.address = f"{config.announce_host or config.host}:{port}"
+        from hivemind.utils import get_dht_time
+
+        self.started_at = get_dht_time()
 
         self._announcer = Announcer(
             self._dht, self.identity, self._make_record,
@@ -117,6 +122,8 @@ class PeerServer:
             free_cache_tokens=self._sessions.pool.free_tokens,
             state=state,  # type: ignore[arg-type]
             signed_at=get_dht_time(),
+            started_at=self.started_at,
+            software_version=__version__,
         )
 
     def ready_line(self) -> str:

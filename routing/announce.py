@@ -17,7 +17,7 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from brigade.protocol.identity import Identity
-from brigade.protocol.records import PeerRecord, PeerState, model_key, sign_record
+from brigade.protocol.records import MODELS_INDEX_KEY, IndexEntry, PeerRecord, PeerState, model_key, sign
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +63,26 @@ class Announcer:
         record = self._make_record(state)
         if record.state != state:
             raise ValueError(f"make_record({state!r}) returned a record with state {record.state!r}")
-        value = sign_record(record, self._identity)
-        key = model_key(record.model_name)
         # Strictly increasing expirations: the DHT drops a value for a subkey unless it outlives the
         # held one, so a "leaving" store must never lose to an "online" store made just before it.
         expiration = max(get_dht_time() + self.ttl_s, self._last_expiration + _MIN_EXPIRATION_STEP)
         self._last_expiration = expiration
+        # The expiry is signed too: DHT nodes refuse a store that would outlive it (no replays).
+        record = record.model_copy(update={"expires_at": expiration})
+        value = sign(record, self._identity)
+        key = model_key(record.model_name)
+        entry = IndexEntry(peer_id=record.peer_id, public_key=record.public_key, model_name=record.model_name,
+                           signed_at=record.signed_at, expires_at=expiration)
         try:
-            future = self._dht.store(key, value, expiration, subkey=record.peer_id, return_future=True)
-            stored = await asyncio.wait_for(asyncio.wrap_future(future), self.store_timeout_s)
+            futures = [
+                self._dht.store(key, value, expiration, subkey=record.peer_id, return_future=True),
+                self._dht.store(MODELS_INDEX_KEY, sign(entry, self._identity), expiration,
+                                subkey=record.peer_id, return_future=True),
+            ]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(future) for future in futures)), self.store_timeout_s
+            )
+            stored = bool(results[0])
         except TimeoutError:
             logger.warning("announce (%s) of %s timed out after %.1f s", state, key, self.store_timeout_s)
             return False

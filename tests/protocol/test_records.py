@@ -11,7 +11,7 @@ from brigade.protocol.records import PeerRecord, parse_signed_record, sign_recor
 def make_record(identity: Identity, **overrides: object) -> PeerRecord:
     fields = dict(
         peer_id=identity.peer_id, public_key=identity.public_key.hex(), address="127.0.0.1:5000",
-        model_name="tiny", start_layer=0, end_layer=4, num_layers=8, dtype="float32", signed_at=100.0,
+        model_name="tiny", start_layer=0, end_layer=4, num_layers=8, dtype="float32", signed_at=100.0, expires_at=130.0,
     )
     return PeerRecord(**{**fields, **overrides})
 

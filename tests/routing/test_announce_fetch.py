@@ -65,6 +65,7 @@ def record_factory(
             dtype="float32",
             state=state,
             signed_at=get_dht_time(),
+            expires_at=get_dht_time() + 30,
         )
 
     return make_record
