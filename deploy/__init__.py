@@ -1,0 +1,4 @@
+"""Running brigade outside a developer's terminal: the multi-host testbed and its link emulation.
+
+Containers, compose files and service units live beside this package as plain files.
+"""
