@@ -24,3 +24,11 @@ class ClientConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
     wire_dtype: str = "float32"  # dtype of activations on the wire (float32 keeps results exact)
     dht_startup_timeout_s: float = 30.0  # bound on starting the client's DHT node
+    identity_path: str | None = None  # Ed25519 key file of this client (created on first run); None = a fresh key
+    allow_insecure: bool = False  # accept peers without TLS (private --insecure test swarms only)
+    forwarding: bool = True  # peers send outputs straight to the next hop (falls back per pair when they cannot)
+    pipeline_prefill: bool = True  # pass each prefill chunk on as soon as it is computed
+    verify_rate: float = 0.05  # share of finished windows re-checked on another peer serving the same layers
+    verify_window: int = 16  # decode steps per hop that make one window
+    allowed_peers: frozenset[str] | None = None  # use only these peer ids (private swarms); None = any
+    blocked_peers: frozenset[str] = frozenset()  # never use these peer ids

@@ -19,16 +19,18 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from brigade.client.bans import PeerBans
 from brigade.client.config import ClientConfig
+from brigade.client.hops import FATAL, HopFailure
 from brigade.client.loop import LoopThread
 from brigade.client.remote import RemoteSwarm
 from brigade.client.sampling import SamplingParams, TokenChooser
-from brigade.client.session import FATAL, FailoverEvent, HopFailure, InferenceSession
+from brigade.client.session import FailoverEvent, InferenceSession
 from brigade.kernels.checkpoint import resolve_config_folder
 from brigade.kernels.loading import load_config, load_head
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.errors import from_status
 from brigade.protocol.records import model_name_for
 from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
+from brigade.protocol.tokens import make_token
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +106,11 @@ class DistributedModelForCausalLM:
             hop = (await self.swarm.route(position, num_layers, exclude=self.bans.banned(), fresh=attempts
                                           < config.max_attempts))[0]
             request = pb.ForwardRequest(
-                start_layer=hop.start, end_layer=hop.end, hidden=encode(hidden, wire), pad_lengths=pads
+                start_layer=hop.start, end_layer=hop.end, hidden=encode(hidden, wire), pad_lengths=pads,
+                token=make_token(self.swarm.identity, hop.peer.peer_id, "forward"),
             )
             try:
-                response = await self.swarm.stub(hop.peer.address).Forward(request, timeout=config.step_timeout_s)
+                response = await self.swarm.stub(hop.peer).Forward(request, timeout=config.step_timeout_s)
                 output = decode(response.hidden)
                 if output.shape != hidden.shape:
                     raise HopFailure(hop, f"answered shape {list(output.shape)} for {list(hidden.shape)}")

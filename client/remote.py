@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import grpc
 
 from brigade.client.config import ClientConfig
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
-from brigade.protocol.channel_options import grpc_options
+from brigade.protocol.channels import peer_channel
 from brigade.protocol.errors import MissingLayersError
+from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord
 from brigade.routing.dht import start_dht
 from brigade.routing.route import Hop, find_route
@@ -31,7 +32,8 @@ class RemoteSwarm:
         self._dht: Any = None
         self._records: list[PeerRecord] = []
         self._records_at = float("-inf")
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
 
     async def start(self) -> None:
         self._dht = await asyncio.to_thread(
@@ -45,26 +47,26 @@ class RemoteSwarm:
         max_age_s = self.config.records_max_age_s if max_age_s is None else max_age_s
         if time.monotonic() - self._records_at > max_age_s:
             fetched = await fetch_records(self._dht, self.model_name)
-            allowed = self.config.quantizations
-            self._records = [
-                record for record in fetched
-                if record.num_layers == self.num_layers and (allowed is None or record.quantization in allowed)
-            ]
+            self._records = [record for record in fetched if self._usable(record)]
             self._records_at = time.monotonic()
         return self._records
 
     async def route(
-        self, start: int, end: int, exclude: Collection[str] = (), *, fresh: bool = False, wait_s: float | None = None,
-        cache_tokens: int = 0,
+        self, start: int, end: int, exclude: Collection[str] | Callable[[], Collection[str]] = (), *,
+        fresh: bool = False, wait_s: float | None = None, cache_tokens: int = 0,
     ) -> list[Hop]:
         """A chain of peers for layers [start, end), waiting up to ``wait_s`` for coverage.
 
         ``fresh`` reads the DHT now instead of reusing a recent view (after a failure, say). Peers
         that announced less free cache than ``cache_tokens`` are avoided when others can serve.
+        ``exclude`` may be a callable, asked again on every try: a ban that expires while this
+        waits makes its peer usable again at once.
         """
         deadline = time.monotonic() + (self.config.route_wait_s if wait_s is None else wait_s)
         max_age_s: float | None = 0.0 if fresh else None
+        excluded = exclude if callable(exclude) else (lambda: exclude)
         while True:
+            exclude = set(excluded())
             records = await self.records(max_age_s)
             full = {record.peer_id for record in records if record.free_cache_tokens < cache_tokens}
             try:
@@ -80,14 +82,26 @@ class RemoteSwarm:
             max_age_s = 0.0  # coverage was missing: read the DHT afresh each time
             await asyncio.sleep(0.25)
 
-    def stub(self, address: str) -> pb_grpc.PeerStub:
-        channel = self._channels.get(address)
+    def _usable(self, record: PeerRecord) -> bool:
+        """Records this client may route through: its model shape, quantizations, lists, and security."""
+        config = self.config
+        if record.num_layers != self.num_layers:
+            return False
+        if config.quantizations is not None and record.quantization not in config.quantizations:
+            return False
+        if record.peer_id in config.blocked_peers:
+            return False
+        if config.allowed_peers is not None and record.peer_id not in config.allowed_peers:
+            return False
+        return bool(record.tls_cert) or config.allow_insecure
+
+    def stub(self, record: PeerRecord) -> pb_grpc.PeerStub:
+        """A stub on a channel pinned to ``record``'s certificate (one channel per address and certificate)."""
+        key = (record.address, record.tls_spki_sha256)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address,
-                options=grpc_options(self.config.max_message_bytes),
-            )
-            self._channels[address] = channel
+            channel = peer_channel(record, self.config.max_message_bytes, allow_insecure=self.config.allow_insecure)
+            self._channels[key] = channel
         return pb_grpc.PeerStub(channel)
 
     async def close(self) -> None:

@@ -1,66 +1,63 @@
 """An inference session through the swarm, surviving peers that crash, hang or leave.
 
-Each hop of the route is one gRPC stream holding its span's KV cache. The client keeps, per hop,
-every input it sent. When a hop fails (connection lost, deadline passed, error status, a wrong
-answer) its peer is banned with backoff, a new chain of peers is found for exactly that hop's
-layers, the kept inputs are replayed there as one prefill to rebuild the cache, and the step goes
-on: the caller sees the same tokens as if nothing had happened. A peer that says it is leaving
-is moved away from the same way, without a ban.
+Each hop of the route is one gRPC stream holding its span's KV cache. With forwarding (the
+default), the client opens every hop's session itself and links them, so each peer sends its
+outputs straight to the next one and only the last hop's answer comes back with tensors; the
+others answer with signed receipts. Where a pair of peers cannot reach each other the client
+carries that pair's activations itself (client-driven), as it does for every pair when forwarding
+is off. A long step moves in chunks, so the second peer works on chunk 1 while the first computes
+chunk 2.
+
+Failover is one loop (``step``): an attempt runs the step over the route; when a hop fails
+(connection lost, deadline passed, error status, a wrong answer) its peer is banned with backoff,
+a new chain of peers is found for exactly its layers, rebuilt by replaying its inputs (kept by
+this client, or by the previous peer with ``keep_outputs``) as one prefill, linked back in, and
+the step is attempted again from the start: every hop rolls back to the step's first position by
+itself, so no hop ever holds half a step. A peer that says it is leaving is moved away from the
+same way, without a ban. The caller sees the same tokens as if nothing had happened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-import grpc
 import torch
 
 from brigade.client.bans import PeerBans
+from brigade.client.hops import HopFailure, HopStream, new_session_id
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
-from brigade.protocol.errors import (
-    BrigadeError,
-    InvalidRequestError,
-    InvalidTensorError,
-    MissingLayersError,
-    PeerLeavingError,
-    SessionLengthError,
-    from_status,
-)
+from brigade.protocol.errors import BrigadeError, InvalidTensorError, MissingLayersError
 from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
 from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
 
-# Steps of at most this many positions are "decode-sized": their deadline follows measured step times.
-DECODE_SIZED = 8
-# Errors that say the request itself is wrong: another peer would refuse it too, so no retry.
-FATAL = (InvalidRequestError, SessionLengthError)
-
-
-class HopFailure(Exception):
-    """A hop did not answer a step or an open correctly; its peer should be avoided."""
-
-    def __init__(self, hop: Hop, reason: str, leaving: bool = False):
-        super().__init__(f"peer {hop.peer.peer_id} ({hop.peer.address}, layers {hop.start}:{hop.end}): {reason}")
-        self.hop = hop
-        self.reason = reason
-        self.leaving = leaving  # the peer is draining: avoid it, but it did nothing wrong
+DECODE_SIZED = 8  # steps of at most this many positions get deadlines from measured step times
 
 
 class RecoveryExhaustedError(BrigadeError):
     """A step could not recover from failed hops within the retry budget."""
 
 
+class _ForwardBroken(Exception):
+    """Hop ``index`` could not reach the next hop: that pair goes client-driven and the step restarts."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index = index
+
+
 @dataclass
 class FailoverEvent:
     """One recovery, for logs, tests and benchmarks."""
 
-    kind: str  # "failure" (peer banned) or "migration" (peer leaving, no ban)
+    kind: str  # "failure" (peer banned), "migration" (peer leaving, no ban) or "unlink" (pair went client-driven)
     peer_id: str
     layers: tuple[int, int]
     reason: str
@@ -68,21 +65,6 @@ class FailoverEvent:
     recovery_s: float = 0.0  # re-routing, opening and replaying
     replayed_positions: int = 0
     new_route: list[str] = field(default_factory=list)
-
-
-@dataclass
-class HopStream:
-    """One hop's open stream and every input it has been sent (what a replacement replays)."""
-
-    hop: Hop
-    session_id: str
-    call: grpc.aio.StreamStreamCall
-    history: list[torch.Tensor] = field(default_factory=list)
-    step_ema_s: float | None = None  # typical duration of a decode-sized step on this hop
-    leaving: bool = False
-
-    def replay_input(self) -> torch.Tensor | None:
-        return torch.cat(self.history, dim=1) if self.history else None
 
 
 class _Budget:
@@ -116,7 +98,9 @@ class InferenceSession:
         self.position = 0
         self.hops: list[HopStream] = []
         self.events: list[FailoverEvent] = []
+        self.step_listeners: list = []  # callables(session, start, positions) after each completed step
         self._leaving: set[str] = set()  # peers that said they are draining
+        self._unforwardable: set[tuple[str, str]] = set()  # peer pairs that could not reach each other
         self._wire_dtype = WIRE_DTYPES[self.config.wire_dtype]
         self._step_id = 0
 
@@ -128,34 +112,175 @@ class InferenceSession:
         budget = _Budget(self.config.retry_budget_s, self.config.max_attempts)
         self.hops = await self._build_with_retries(0, self.swarm.num_layers, None, budget)
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Runs [B, T, H] new positions through the route; returns the last hop's [B, T, H]."""
-        if self.position + hidden.shape[1] > self.max_length:
-            raise ValueError(f"session of max_length {self.max_length} cannot take {hidden.shape[1]} more positions")
+    # -- the step loop -----------------------------------------------------------------------------
+    async def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
+        """Runs [B, T, H] new positions through the route; returns the last hop's [B, T, H].
+
+        ``start_position`` below the current length first rolls every hop back to it (speculative
+        decoding drops rejected positions this way).
+        """
+        start = self.position if start_position is None else start_position
+        length = hidden.shape[1]
+        if not 0 <= start <= self.position:
+            raise ValueError(f"a step may start at most at the session's length {self.position}, not {start}")
+        if start + length > self.max_length:
+            raise ValueError(f"session of max_length {self.max_length} cannot take positions up to {start + length}")
         budget = _Budget(self.config.retry_budget_s, self.config.max_attempts)
+        failure: HopFailure | None = None
+        broken: _ForwardBroken | None = None
+        began = time.monotonic()
+        while True:
+            # Recovery work may itself meet a dead peer (a relink to a neighbour that died too): that
+            # failure is handled on the next round like any other, so the loop is the only recovery path.
+            try:
+                if failure is not None:
+                    handling, failure = failure, None
+                    event = self._note_failure(handling, time.monotonic() - began)
+                    index = self._find(handling.hop)
+                    if index is not None:
+                        await self._replace(index, start, budget, event)
+                if broken is not None:
+                    handling_broken, broken = broken, None
+                    if handling_broken.index + 1 < len(self.hops):
+                        await self._unlink(handling_broken.index, str(handling_broken))
+                await self._migrate_leaving(start, budget)
+                began = time.monotonic()
+                output = await self._attempt(hidden, start)
+                break
+            except HopFailure as error:
+                budget.spend(error)
+                failure = error
+            except _ForwardBroken as error:
+                budget.spend(error)
+                broken = error
+        self.position = start + length
+        for listener in self.step_listeners:
+            listener(self, start, length)
+        return output
+
+    async def _attempt(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """One try of a step over the current route, run by run (a run: hops linked by forwarding)."""
+        self._step_id += 1
+        length = hidden.shape[1]
+        for stream in self.hops:
+            stream.inputs.truncate(start)
+
+        async def first_input() -> AsyncIterator[tuple[int, torch.Tensor]]:
+            yield start, hidden
+
+        source: AsyncIterator[tuple[int, torch.Tensor]] = first_input()
         index = 0
         while index < len(self.hops):
-            stream = self.hops[index]
-            if stream.leaving:
-                layers = (stream.hop.start, stream.hop.end)
-                event = FailoverEvent("migration", stream.hop.peer.peer_id, layers, "peer leaving", 0.0)
-                await self._replace(index, budget, event)
-                continue
-            began = time.monotonic()
-            try:
-                output = await self._step_hop(stream, hidden, self.position)
-            except HopFailure as failure:
-                budget.spend(failure)
-                event = self._note_failure(failure, time.monotonic() - began)
-                await self._replace(index, budget, event)
-                continue
-            stream.history.append(hidden)
-            hidden = output
-            index += 1
-        self.position += hidden.shape[1]
-        return hidden
+            last = index
+            while self.hops[last].forwards and last + 1 < len(self.hops):
+                last += 1
+            source = self._through_run(index, last, source, start, length)
+            if not self.config.pipeline_prefill:
+                source = _buffered(source)
+            index = last + 1
+        pieces = [chunk async for _, chunk in source]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
-    # -- recovery ----------------------------------------------------------------------------
+    async def _through_run(
+        self, first: int, last: int, source: AsyncIterator[tuple[int, torch.Tensor]], start: int, length: int
+    ) -> AsyncIterator[tuple[int, torch.Tensor]]:
+        """Sends ``source``'s chunks to hop ``first`` and yields hop ``last``'s output chunks as they come."""
+        streams = self.hops[first : last + 1]
+        step_id = self._step_id
+        sent_at: list[float] = []
+
+        async def feed() -> None:
+            async for position, chunk in source:
+                streams[0].inputs.append(position, chunk)
+                sent_at.append(time.monotonic())
+                await streams[0].send(pb.InferenceRequest(session_id=streams[0].session_id, step=pb.Step(
+                    hidden=encode(chunk, self._wire_dtype), start_position=position, step_id=step_id,
+                    step_positions=length)))
+
+        sender = asyncio.create_task(feed(), name="feed-run")
+        try:
+            decode_sized = length <= DECODE_SIZED
+            previous_at: float | None = None
+            for offset, stream in enumerate(streams):
+                covered = 0
+                while covered < length:
+                    timeout = self._timeout(stream, decode_sized)
+                    result = await self._result(stream, step_id, timeout, sender)
+                    arrived = time.monotonic()
+                    position = result.start_position
+                    if result.positions <= 0 or position != start + covered or covered + result.positions > length:
+                        raise HopFailure(stream.hop, f"answered positions {position}+{result.positions}, "
+                                                     f"expected {start + covered} of a {length}-position step")
+                    stream.keep_attestation(result.attestation)
+                    stream.leaving = stream.leaving or result.peer_leaving
+                    is_last = offset == len(streams) - 1
+                    if not is_last:
+                        if result.forward_error:
+                            raise _ForwardBroken(first + offset, result.forward_error)
+                        if not result.forwarded:
+                            raise HopFailure(stream.hop, "answered with tensors instead of forwarding")
+                    else:
+                        output = decode(result.hidden)
+                        expected = (self.batch_size, result.positions, output.shape[-1] if output.dim() == 3 else -1)
+                        if output.dim() != 3 or tuple(output.shape) != expected or output.dtype != self._wire_dtype:
+                            raise HopFailure(stream.hop, f"answered shape {list(output.shape)} {output.dtype} for "
+                                                         f"{result.positions} positions of batch {self.batch_size}")
+                        yield position, output
+                    if decode_sized:
+                        reference = previous_at if previous_at is not None else (sent_at[0] if sent_at else arrived)
+                        self._observe(stream, arrived - reference)
+                    previous_at = arrived
+                    covered += result.positions
+            await sender
+        finally:
+            if not sender.done():
+                sender.cancel()
+            elif not sender.cancelled():
+                sender.exception()  # retrieved: it was either raised above or superseded by another failure
+
+    async def _result(self, stream: HopStream, step_id: int, timeout: float,
+                      sender: asyncio.Task[None] | None = None) -> pb.StepResult:
+        """The next result of this attempt from ``stream`` (stale ones skipped); fails fast if sending failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.001, deadline - time.monotonic())
+            if sender is None or sender.done():
+                if sender is not None and sender.exception() is not None:
+                    raise sender.exception()  # type: ignore[misc]
+                response = await stream.answer(remaining)
+            else:
+                answer = asyncio.ensure_future(stream.answer(remaining))
+                try:
+                    await asyncio.wait({answer, sender}, return_when=asyncio.FIRST_COMPLETED)
+                    if not answer.done():
+                        continue  # the sender finished (or failed): check it on the next round
+                    response = answer.result()
+                finally:
+                    if not answer.done():
+                        answer.cancel()
+            if response.WhichOneof("kind") != "result":
+                continue  # e.g. a late relink acknowledgement
+            if response.result.step_id != step_id:
+                continue  # an answer to an abandoned attempt
+            return response.result
+
+    def _timeout(self, stream: HopStream, decode_sized: bool) -> float:
+        if decode_sized and stream.step_ema_s is not None:
+            return max(self.config.decode_timeout_floor_s, self.config.decode_timeout_factor * stream.step_ema_s)
+        return self.config.step_timeout_s
+
+    @staticmethod
+    def _observe(stream: HopStream, elapsed: float) -> None:
+        stream.step_ema_s = elapsed if stream.step_ema_s is None else 0.8 * stream.step_ema_s + 0.2 * elapsed
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def _find(self, hop: Hop) -> int | None:
+        """Where ``hop`` is on the route now (None: an earlier recovery already replaced it)."""
+        for index, stream in enumerate(self.hops):
+            if stream.hop == hop:
+                return index
+        return None
+
     def _note_failure(self, failure: HopFailure, detected_after_s: float) -> FailoverEvent:
         peer_id = failure.hop.peer.peer_id
         if failure.leaving:
@@ -168,32 +293,100 @@ class InferenceSession:
                            failure.hop.start, failure.hop.end)
         return FailoverEvent(kind, peer_id, (failure.hop.start, failure.hop.end), failure.reason, detected_after_s)
 
-    async def _replace(self, index: int, budget: _Budget, event: FailoverEvent) -> None:
-        """Swaps hop ``index`` for a new chain over the same layers, its cache rebuilt by replay."""
-        old = self.hops[index]
+    async def _migrate_leaving(self, start: int, budget: _Budget) -> None:
+        index = 0
+        while index < len(self.hops):
+            stream = self.hops[index]
+            if stream.leaving:
+                event = FailoverEvent("migration", stream.peer_id, (stream.hop.start, stream.hop.end),
+                                      "peer leaving", 0.0)
+                await self._replace(index, start, budget, event)
+            index += 1
+
+    async def _replay_input(self, index: int, end: int) -> torch.Tensor | None:
+        """Hop ``index``'s inputs for positions [0, end): this client's log, or the previous peer's outputs."""
+        if end == 0:
+            return None
+        stream = self.hops[index]
+        if stream.inputs.complete and stream.inputs.length >= end:
+            return stream.inputs.read(end)
+        if index == 0:
+            raise RuntimeError("the first hop's inputs are always kept by the client")
+        return await self.hops[index - 1].history(end, self.config.step_timeout_s)
+
+    async def _replace(self, index: int, start: int, budget: _Budget, event: FailoverEvent) -> None:
+        """Swaps hop ``index`` (and earlier hops whose outputs were lost with it) for a new chain."""
         began = time.monotonic()
         if event.kind == "migration":
-            self._leaving.add(old.hop.peer.peer_id)
-        history = old.replay_input()
-        replacement = await self._build_with_retries(old.hop.start, old.hop.end, history, budget)
-        self.hops[index : index + 1] = replacement
-        old.call.cancel()
+            self._leaving.add(self.hops[index].peer_id)
+        first = index
+        while True:
+            try:
+                replay = await self._replay_input(first, start)
+                break
+            except HopFailure as failure:  # the previous peer is gone too: rebuild it as well
+                budget.spend(failure)
+                self.events.append(self._note_failure(failure, 0.0))
+                first -= 1
+        layers = (self.hops[first].hop.start, self.hops[index].hop.end)
+        replacement = await self._build_with_retries(*layers, replay, budget)
+        old = self.hops[first : index + 1]
+        self.hops[first : index + 1] = replacement
+        for stream in old:
+            stream.cancel()
+        await self._link(self.hops, (first - 1, first + len(replacement) - 1))  # the pairs around it
         event.recovery_s = time.monotonic() - began
-        event.replayed_positions = 0 if history is None else history.shape[1]
-        event.new_route = [f"{s.hop.peer.peer_id}[{s.hop.start}:{s.hop.end}]" for s in replacement]
+        event.replayed_positions = 0 if replay is None else replay.shape[1]
+        event.new_route = [f"{s.peer_id}[{s.hop.start}:{s.hop.end}]" for s in replacement]
         self.events.append(event)
         logger.info("%s of %s at layers %d:%d handled in %.3f s (replayed %d positions) via %s", event.kind,
                     event.peer_id, *event.layers, event.recovery_s, event.replayed_positions, event.new_route)
+
+    async def _unlink(self, index: int, reason: str) -> None:
+        """Hop ``index`` could not reach hop ``index + 1``: carry that pair's activations from now on."""
+        sender, receiver = self.hops[index], self.hops[index + 1]
+        self._unforwardable.add((sender.peer_id, receiver.peer_id))
+        sender.session_next = None
+        receiver.session_upstream = ""
+        receiver.receives_push = False
+        timeout = self.config.open_timeout_s
+        await _all(sender.relink(None, sender.session_upstream, timeout),
+                   receiver.relink(receiver.session_next, "", timeout))
+        self.events.append(FailoverEvent("unlink", sender.peer_id, (sender.hop.start, sender.hop.end), reason, 0.0))
+
+    async def _link(self, streams: list[HopStream], pairs: Iterable[int]) -> None:
+        """Links each pair ``(streams[i], streams[i + 1])`` for i in ``pairs`` that can forward.
+
+        A no-op when forwarding is off. Each touched hop gets one Relink carrying both its links,
+        and the session waits for every acknowledgement, so the next step already flows the new way.
+        """
+        if not self.config.forwarding:
+            return
+        touched: dict[int, HopStream] = {}
+        for index in pairs:
+            if not 0 <= index < len(streams) - 1:
+                continue
+            sender, receiver = streams[index], streams[index + 1]
+            if (sender.peer_id, receiver.peer_id) in self._unforwardable:
+                continue
+            sender.session_next = receiver.next_hop()
+            receiver.session_upstream = sender.peer_id
+            receiver.receives_push = True
+            receiver.inputs.clear()
+            receiver.inputs.complete = False  # from now on its inputs are the previous peer's kept outputs
+            touched[id(sender)], touched[id(receiver)] = sender, receiver
+        timeout = self.config.open_timeout_s
+        await _all(*(stream.relink(stream.session_next, stream.session_upstream, timeout)
+                     for stream in touched.values()))
 
     async def _build_with_retries(
         self, start: int, end: int, history: torch.Tensor | None, budget: _Budget
     ) -> list[HopStream]:
         fresh = False
         while True:
-            exclude = self.bans.banned() | self._leaving
             try:
                 wait_s = max(0.0, min(self.config.route_wait_s, budget.remaining_s()))
-                return await self._build_chain(start, end, history, exclude, fresh, wait_s)
+                return await self._build_chain(start, end, history, self._excluded, fresh, wait_s)
             except HopFailure as failure:
                 budget.spend(failure)
                 self.events.append(self._note_failure(failure, 0.0))
@@ -204,112 +397,95 @@ class InferenceSession:
                 await asyncio.sleep(min(0.5, budget.remaining_s()))
             fresh = True  # something changed: read the DHT again rather than a cached view
 
+    def _excluded(self) -> set[str]:
+        return self.bans.banned() | self._leaving
+
     async def _build_chain(
-        self, start: int, end: int, history: torch.Tensor | None, exclude: set[str], fresh: bool, wait_s: float
+        self, start: int, end: int, history: torch.Tensor | None, exclude: Callable[[], set[str]], fresh: bool,
+        wait_s: float,
     ) -> list[HopStream]:
+        """Opens a chain over [start, end) and replays ``history`` through it (client-driven), unlinked."""
         needed = self.batch_size * self.max_length
         route = await self.swarm.route(start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed)
-        streams: list[HopStream] = []
+        forwarding = self.config.forwarding
+        session_ids = [new_session_id() for _ in route]
+        link_now = forwarding and history is None  # a fresh chain can be linked at open; a replayed one after
+        opens = []
+        for index, hop in enumerate(route):
+            next_hop = None
+            if link_now and index + 1 < len(route):
+                following = route[index + 1]
+                if (hop.peer.peer_id, following.peer.peer_id) not in self._unforwardable:
+                    next_hop = pb.NextHop(peer_id=following.peer.peer_id, address=following.peer.address,
+                                          session_id=session_ids[index + 1], tls_cert=following.peer.tls_cert)
+            previous = route[index - 1].peer.peer_id if link_now and index > 0 else ""
+            if previous and (previous, hop.peer.peer_id) in self._unforwardable:
+                previous = ""
+            opens.append(HopStream.open(
+                self.swarm, hop, batch_size=self.batch_size, max_length=self.max_length,
+                pad_lengths=self.pad_lengths, session_id=session_ids[index], next_hop=next_hop,
+                upstream_peer_id=previous, keep_outputs=forwarding,
+            ))
+        results = await asyncio.gather(*opens, return_exceptions=True)
+        streams = [result for result in results if isinstance(result, HopStream)]
+        failure = next((result for result in results if isinstance(result, BaseException)), None)
+        if failure is not None:
+            for stream in streams:
+                stream.cancel()
+            raise failure
+        for stream in streams:
+            self.bans.forgive(stream.peer_id)  # it answered: its record of failures starts over
+        for index, stream in enumerate(streams):
+            stream.session_next = streams[index + 1].next_hop() if stream.forwards else None
+            stream.session_upstream = streams[index - 1].peer_id if stream.receives_push else ""
         try:
-            replay = history
-            for hop in route:
-                stream = await self._open_hop(hop)
-                streams.append(stream)
-                if replay is not None:
-                    output = await self._step_hop(stream, replay, 0)
-                    stream.history.append(replay)
-                    replay = output
+            if history is not None:
+                replay = history
+                for stream in streams:
+                    replay = await self._replay_through(stream, replay)
+                await self._link(streams, range(len(streams) - 1))
         except BaseException:
             for stream in streams:
-                stream.call.cancel()
+                stream.cancel()
             raise
         return streams
 
-    # -- one hop -------------------------------------------------------------------------------
-    async def _open_hop(self, hop: Hop) -> HopStream:
-        session_id = secrets.token_urlsafe(12)
-        call = self.swarm.stub(hop.peer.address).Inference()
-        opened = pb.OpenSession(
-            session_id=session_id, start_layer=hop.start, end_layer=hop.end, batch_size=self.batch_size,
-            max_length=self.max_length, pad_lengths=self.pad_lengths, open_timeout_s=self.config.cache_wait_s,
-        )
-        try:
-            async with asyncio.timeout(self.config.open_timeout_s + self.config.cache_wait_s):
-                await call.write(pb.InferenceRequest(open=opened))
-                response = await call.read()
-            if response is grpc.aio.EOF:
-                raise from_status(await call.code(), await call.details() or "the peer closed the stream")
-            if response.WhichOneof("kind") != "opened":
-                raise HopFailure(hop, "answered an open with something else")
-        except BaseException as error:
-            call.cancel()
-            failure = self._classify(hop, error)
-            if failure is error:
-                raise
-            raise failure from error
-        self.bans.forgive(hop.peer.peer_id)
-        return HopStream(hop=hop, session_id=session_id, call=call)
-
-    async def _step_hop(self, stream: HopStream, hidden: torch.Tensor, start_position: int) -> torch.Tensor:
+    async def _replay_through(self, stream: HopStream, replay: torch.Tensor) -> torch.Tensor:
+        """Rebuilds one new hop's cache from ``replay`` (positions [0, n)) and returns its outputs."""
         self._step_id += 1
         step_id = self._step_id
-        request = pb.InferenceRequest(
-            session_id=stream.session_id,
-            step=pb.Step(hidden=encode(hidden, self._wire_dtype), start_position=start_position, step_id=step_id),
-        )
-        decode_sized = hidden.shape[1] <= DECODE_SIZED
-        timeout = self.config.step_timeout_s
-        if decode_sized and stream.step_ema_s is not None:
-            timeout = max(self.config.decode_timeout_floor_s, self.config.decode_timeout_factor * stream.step_ema_s)
-        began = time.monotonic()
-        try:
-            async with asyncio.timeout(timeout):  # a timer, not a task per await: this is the per-token path
-                await stream.call.write(request)
-                response = await stream.call.read()
-            if response is grpc.aio.EOF:
-                raise from_status(await stream.call.code(), await stream.call.details() or "the peer closed the stream")
-            result = response.result
+        length = replay.shape[1]
+        stream.inputs.append(0, replay)
+        await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=pb.Step(
+            hidden=encode(replay, self._wire_dtype), start_position=0, step_id=step_id, step_positions=length)))
+        pieces, covered = [], 0
+        while covered < length:
+            result = await self._result(stream, step_id, self.config.step_timeout_s)
             output = decode(result.hidden)
-            if output.shape != hidden.shape or output.dtype != self._wire_dtype or result.step_id != step_id:
-                raise InvalidTensorError(
-                    f"answered shape {list(output.shape)} {output.dtype} (step {result.step_id}) for a step of "
-                    f"shape {list(hidden.shape)} {self._wire_dtype} (step {step_id})"
-                )
-        except BaseException as error:
-            stream.call.cancel()
-            failure = self._classify(stream.hop, error, timeout)
-            if failure is error:
-                raise
-            raise failure from error
-        if decode_sized:
-            elapsed = time.monotonic() - began
-            stream.step_ema_s = elapsed if stream.step_ema_s is None else 0.8 * stream.step_ema_s + 0.2 * elapsed
-        stream.leaving = stream.leaving or result.peer_leaving
-        return output
-
-    @staticmethod
-    def _classify(hop: Hop, error: BaseException, timeout: float | None = None) -> BaseException:
-        """Turns what went wrong talking to a hop into a HopFailure, or passes fatal errors through."""
-        if isinstance(error, grpc.aio.AioRpcError):
-            error = from_status(error.code(), error.details() or "")
-        if isinstance(error, FATAL) or isinstance(error, HopFailure):
-            return error
-        if isinstance(error, PeerLeavingError):
-            return HopFailure(hop, str(error), leaving=True)
-        if isinstance(error, TimeoutError):
-            return HopFailure(hop, f"no answer within {timeout or 0:.2f} s")
-        if isinstance(error, asyncio.InvalidStateError):  # gRPC: writing to a call that already ended
-            return HopFailure(hop, "the stream had already ended")
-        if isinstance(error, BrigadeError | grpc.RpcError | ConnectionError | OSError):
-            return HopFailure(hop, f"{type(error).__name__}: {error}")
-        return error  # cancellation and programming errors propagate unchanged
+            if tuple(output.shape) != (self.batch_size, result.positions, replay.shape[2]):
+                raise HopFailure(stream.hop, f"replay answered shape {list(output.shape)}")
+            pieces.append(output)
+            covered += result.positions
+        return torch.cat(pieces, dim=1)
 
     async def close(self) -> None:
-        for stream in self.hops:
-            try:
-                async with asyncio.timeout(1.0):
-                    await stream.call.done_writing()
-            except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError):
-                pass
-            stream.call.cancel()
+        await asyncio.gather(*(stream.close() for stream in self.hops), return_exceptions=True)
         self.hops.clear()
+
+
+async def _all(*coroutines: Any) -> None:
+    """Awaits every coroutine; then raises the first failure, if any (none is left running or unretrieved)."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def _buffered(source: AsyncIterator[tuple[int, torch.Tensor]]) -> AsyncIterator[tuple[int, torch.Tensor]]:
+    """All of ``source`` as one chunk: a run's whole output goes on only once it is complete."""
+    pieces = [(position, chunk) async for position, chunk in source]
+    if pieces:
+        yield pieces[0][0], torch.cat([chunk for _, chunk in pieces], dim=1)
+
+
+__all__ = ["FailoverEvent", "HopFailure", "InferenceSession", "InvalidTensorError", "RecoveryExhaustedError"]

@@ -45,6 +45,14 @@ def run(
     announce_period: Annotated[float, typer.Option(help="Seconds between DHT record refreshes.")] = 10.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds a record lives without refresh.")] = 20.0,
     drain_grace: Annotated[float, typer.Option(help="Seconds open sessions may finish on SIGTERM.")] = 20.0,
+    insecure: Annotated[bool, typer.Option(help="Plain-text gRPC, no client tokens: private tests only.")] = False,
+    max_sessions_per_client: Annotated[int, typer.Option(help="Open sessions one client may hold.")] = 64,
+    client_cache_share: Annotated[float, typer.Option(help="Share of the KV cache one client may hold.")] = 0.25,
+    allow_client: Annotated[list[str] | None, typer.Option(help="Serve only these client ids (repeat).")] = None,
+    block_client: Annotated[list[str] | None, typer.Option(help="Refuse these client ids (repeat).")] = None,
+    max_batch_tokens: Annotated[int, typer.Option(help="Positions one batched pass may compute.")] = 2048,
+    prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill chunk size (pipelining, fairness).")] = 512,
+    batch_window_ms: Annotated[float, typer.Option(help="Longest wait for other sessions' steps to batch.")] = 2.0,
 ) -> None:
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -80,6 +88,14 @@ def run(
         announce_period_s=announce_period,
         record_ttl_s=record_ttl,
         drain_grace_s=drain_grace,
+        insecure=insecure,
+        max_sessions_per_client=max_sessions_per_client,
+        client_cache_share=client_cache_share,
+        allowed_clients=frozenset(allow_client) if allow_client else None,
+        blocked_clients=frozenset(block_client or ()),
+        max_batch_tokens=max_batch_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        batch_window_ms=batch_window_ms,
     )
     from brigade.peer.server import main
 

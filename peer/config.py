@@ -35,6 +35,16 @@ class PeerConfig:
     announce_period_s: float = 10.0  # seconds between record refreshes
     record_ttl_s: float = 20.0  # records expire this long after the last refresh: a dead peer is gone in 2 periods
     drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
+    insecure: bool = False  # plain-text gRPC and no client tokens: private test swarms only
+    max_sessions_per_client: int = 64  # open sessions one client identity may hold here
+    client_cache_share: float = 0.25  # share of the KV cache pool one client identity may hold
+    max_session_bytes: int | None = None  # input bytes one session may send in all; None = 4x its full cache span
+    allowed_clients: frozenset[str] | None = None  # client (and upstream peer) ids allowed here; None = anyone
+    blocked_clients: frozenset[str] = frozenset()  # ids refused here
+    max_batch_tokens: int = 2048  # positions one pass over the span may compute (decode steps + prefill chunks)
+    prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
+    batch_window_ms: float = 2.0  # longest a ready step waits for other busy sessions' steps to join its batch
+    forward_timeout_s: float = 10.0  # deadline for reaching the next hop when forwarding
 
     @property
     def num_layers(self) -> int:

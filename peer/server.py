@@ -25,6 +25,7 @@ from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channel_options import grpc_options
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, model_name_for
+from brigade.protocol.tls import TlsIdentity
 from brigade.routing.announce import Announcer
 from brigade.routing.dht import start_dht
 from brigade.routing.swarm import fetch_records
@@ -49,6 +50,8 @@ class PeerServer:
         self._announce_task: asyncio.Task[None] | None = None
         self._sessions: SessionManager | None = None
         self._executor: SpanExecutor | None = None
+        self._servicer: PeerServicer | None = None
+        self.tls: TlsIdentity | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -79,14 +82,23 @@ class PeerServer:
             None, measure_decode_throughput, span, dtype, config.device
         )
         self._sessions = SessionManager(config, span.args, dtype, config.device)
-        self._executor = SpanExecutor(span, dtype, config.device, config.num_threads)
-        servicer = PeerServicer(
-            config, self.model_name, self.identity.peer_id, self._sessions, self._executor,
-            info_extra=lambda: {"throughput": self.throughput},
+        self._executor = SpanExecutor(span, dtype, config.device, config.num_threads,
+                                      max_batch_tokens=config.max_batch_tokens,
+                                      batch_window_s=config.batch_window_ms / 1000)
+        self._executor.start()
+        self._servicer = PeerServicer(
+            config, self.model_name, self.identity, self._sessions, self._executor,
+            info_extra=lambda: {"throughput": self.throughput, "software_version": __version__,
+                                "started_at": self.started_at},
         )
         self._server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
-        pb_grpc.add_PeerServicer_to_server(servicer, self._server)
-        port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        pb_grpc.add_PeerServicer_to_server(self._servicer, self._server)
+        bind = f"{config.host}:{config.port}"
+        if config.insecure:
+            port = self._server.add_insecure_port(bind)
+        else:
+            self.tls = TlsIdentity.generate(self.identity.peer_id)
+            port = self._server.add_secure_port(bind, self.tls.server_credentials())
         if port == 0:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         await self._server.start()
@@ -124,6 +136,8 @@ class PeerServer:
             signed_at=get_dht_time(),
             started_at=self.started_at,
             software_version=__version__,
+            tls_cert=self.tls.cert_pem.decode() if self.tls else "",
+            tls_spki_sha256=self.tls.spki_sha256 if self.tls else "",
         )
 
     def ready_line(self) -> str:
@@ -136,6 +150,7 @@ class PeerServer:
             "quantization": self.config.quantization,
             "cache_tokens": self.config.cache_tokens,
             "throughput": round(self.throughput, 2),
+            "tls_cert": self.tls.cert_pem.decode() if self.tls else "",
         }
         return f"{PEER_READY} {json.dumps(info)}"
 
@@ -166,6 +181,8 @@ class PeerServer:
             self._announce_task.cancel()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self._servicer is not None:
+            await self._servicer.close()
         if self._executor is not None:
             self._executor.close()
         if self._dht is not None:

@@ -1,28 +1,61 @@
-"""The gRPC service of a peer: decode and check requests, hand compute to the executor, encode.
+"""The gRPC service of a peer: check who asks and what, hand compute to the executor, send results.
 
 Every client mistake becomes a typed error and a status with a readable message; the stream
 that made it ends, its session's cache goes back to the pool, and the peer serves on.
+
+A session's steps may arrive on the client's own stream or, with forwarding, pushed by the
+previous hop on a stream of its own; either way its results go out on the client's stream, through
+the session's outbox, in order. Each output chunk is signed (an attestation over the input and
+output hashes), so what a peer returns is evidence of what it computed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
 
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
+from brigade.peer.forwarding import Forwarder, ForwardError
+from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
-from brigade.protocol.errors import BrigadeError, InvalidRequestError, InvalidTensorError, UnknownSessionError
+from brigade.protocol.attestation import attest, tensor_digest
+from brigade.protocol.channels import dial
+from brigade.protocol.errors import (
+    BrigadeError,
+    InvalidRequestError,
+    InvalidTensorError,
+    PermissionDeniedError,
+    UnknownSessionError,
+)
+from brigade.protocol.identity import Identity
 from brigade.protocol.records import PROTOCOL_VERSION
 from brigade.protocol.tensors import TensorLimits, decode, encode
+from brigade.protocol.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
+
+STEP_COMPUTE_TIMEOUT_S = 600.0  # longest one step may take on the compute thread (a huge prefill on a slow CPU)
+_EOF = object()  # outbox marker: the client finished; end its stream after what is queued
+
+
+@dataclass
+class _Chunk:
+    output: torch.Tensor | None  # [B, n, H] on CPU, compute dtype
+    offset: int  # positions into the step
+    positions: int
+    compute_ms: float
+    queue_ms: float
+    error: BaseException | None = None
 
 
 class PeerServicer(pb_grpc.PeerServicer):
@@ -30,19 +63,34 @@ class PeerServicer(pb_grpc.PeerServicer):
         self,
         config: PeerConfig,
         model_name: str,
-        peer_id: str,
+        identity: Identity,
         sessions: SessionManager,
         executor: SpanExecutor,
-        info_extra: Callable[[], dict[str, object]],
+        info_extra: Callable[[], dict[str, Any]],
     ):
         self.config = config
         self.model_name = model_name
-        self.peer_id = peer_id
+        self.identity = identity
+        self.peer_id = identity.peer_id
         self.sessions = sessions
         self.executor = executor
         self.hidden_size = sessions.args.hidden_size
         self.limits = TensorLimits(max_bytes=config.max_tensor_bytes)
+        self.tokens = TokenVerifier(identity.peer_id)
         self._info_extra = info_extra
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+
+    # -- who is asking ---------------------------------------------------------------------------
+    def _identify(self, token: pb.Token | None, purpose: str, binding: bytes) -> str:
+        """The requester's id from its token; "" for anonymous requests in --insecure swarms."""
+        if self.config.insecure and (token is None or not token.public_key):
+            return ""
+        requester = self.tokens.verify(token, purpose, binding)
+        if requester in self.config.blocked_clients or (
+            self.config.allowed_clients is not None and requester not in self.config.allowed_clients
+        ):
+            raise PermissionDeniedError(f"{requester} is not allowed to use this peer")
+        return requester
 
     def _check_hidden(self, hidden: torch.Tensor, batch: int | None = None) -> None:
         if hidden.dim() != 3 or hidden.shape[1] == 0:
@@ -54,66 +102,218 @@ class PeerServicer(pb_grpc.PeerServicer):
         if batch is not None and hidden.shape[0] != batch:
             raise InvalidTensorError(f"batch of {hidden.shape[0]} does not match the session's {batch}")
 
-    async def Inference(
-        self, request_iterator: AsyncIterator[pb.InferenceRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.InferenceResponse]:
-        session: Session | None = None
-        requests = aiter(request_iterator)
+    # -- Inference: the client's stream or a previous hop's push stream ----------------------------
+    async def Inference(self, request_iterator: AsyncIterator[pb.InferenceRequest],
+                        context: grpc.aio.ServicerContext) -> None:
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.config.session_idle_timeout_s):  # a timer, not a task
-                        request = await anext(requests)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    await context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"session idle for over {self.config.session_idle_timeout_s:.0f} s; its cache was freed",
-                    )
-                    return
-                kind = request.WhichOneof("kind")
-                if kind == "open":
-                    if session is not None:
-                        raise InvalidRequestError("this stream already has a session; open a new stream")
-                    session = await self.sessions.open(request.open)
-                    yield pb.InferenceResponse(
-                        opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)
-                    )
-                elif kind == "step":
-                    if session is None or request.session_id != session.session_id:
-                        raise UnknownSessionError(
-                            f"unknown session {request.session_id!r}: open a session on this stream first"
-                        )
-                    yield await self._step(session, request.step)
-                else:
-                    raise InvalidRequestError("a request must carry either open or step")
+            async with asyncio.timeout(self.config.session_idle_timeout_s):
+                first = await context.read()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no request on a new stream")
+            return
+        if first is grpc.aio.EOF:
+            return
+        kind = first.WhichOneof("kind")
+        try:
+            if kind == "open":
+                await self._serve_client(first.open, context)
+            elif kind == "attach":
+                await self._serve_push(first.attach, context)
+            elif kind == "step":
+                raise UnknownSessionError(
+                    f"unknown session {first.session_id[:64]!r}: open a session on this stream first")
+            else:
+                raise InvalidRequestError("a stream must start with open (a client) or attach (a previous hop)")
         except BrigadeError as error:
             logger.info("inference stream refused: %s", error)
             await context.abort(error.status, str(error))
-        finally:
-            if session is not None:
-                self.sessions.close(session.session_id)
 
-    async def _step(self, session: Session, step: pb.Step) -> pb.InferenceResponse:
+    async def _serve_client(self, request: pb.OpenSession, context: grpc.aio.ServicerContext) -> None:
+        owner = self._identify(request.token if request.HasField("token") else None, "open",
+                               request.session_id.encode())
+        session = await self.sessions.open(request, owner)
+        reader: asyncio.Task[None] | None = None
+        try:
+            if session.next is not None:
+                session.forwarder = self._forwarder(session.next)
+            await context.write(pb.InferenceResponse(
+                opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)))
+            reader = asyncio.create_task(self._read_client(session, context), name=f"read-{session.session_id}")
+            while True:
+                item = await session.outbox.get()
+                if item is _EOF:
+                    return
+                if isinstance(item, BrigadeError):
+                    raise item
+                await context.write(item)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            self.sessions.close(session.session_id)
+
+    async def _read_client(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        """Reads the client's requests; ends the stream on EOF, an error, or a session idle too long."""
+        idle_s = self.config.session_idle_timeout_s
+        read: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                read = read or asyncio.ensure_future(context.read())
+                done, _ = await asyncio.wait({read}, timeout=max(0.05, session.last_used + idle_s - time.monotonic()))
+                if not done:
+                    if time.monotonic() - session.last_used >= idle_s:  # pushed steps count as activity
+                        _post(session, _IdleError(f"session idle for over {idle_s:.0f} s; its cache was freed"))
+                        return
+                    continue
+                request, read = read.result(), None
+                if request is grpc.aio.EOF:
+                    _post(session, _EOF)
+                    return
+                kind = request.WhichOneof("kind")
+                if request.session_id and request.session_id != session.session_id:
+                    raise UnknownSessionError(
+                        f"unknown session {request.session_id!r}: this stream holds {session.session_id}")
+                if kind == "step":
+                    if not request.session_id:
+                        raise UnknownSessionError("a step must name its session")
+                    await self._step(session, request.step)
+                elif kind == "relink":
+                    self._relink(session, request.relink)
+                    _post(session, pb.InferenceResponse(relinked=pb.Relinked()))
+                elif kind == "open":
+                    raise InvalidRequestError("this stream already has a session; open a new stream")
+                else:
+                    raise InvalidRequestError(f"unexpected {kind or 'empty'} request on an open session's stream")
+        except BrigadeError as error:
+            _post(session, error)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            _post(session, _EOF)  # the client is gone
+        finally:
+            if read is not None and not read.done():
+                read.cancel()
+
+    async def _serve_push(self, attach: pb.Attach, context: grpc.aio.ServicerContext) -> None:
+        session = self.sessions.sessions.get(attach.session_id)
+        if session is None:
+            raise UnknownSessionError(f"unknown session {attach.session_id!r}: the client has not opened it here")
+        pusher = self.tokens.verify(attach.token if attach.HasField("token") else None, "attach",
+                                    attach.session_id.encode())
+        if not session.upstream_peer_id or pusher != session.upstream_peer_id:
+            raise PermissionDeniedError(f"{pusher} is not the previous hop the client named for this session")
+        while True:
+            try:
+                async with asyncio.timeout(self.config.session_idle_timeout_s):
+                    request = await context.read()
+            except TimeoutError:
+                return
+            if request is grpc.aio.EOF or session.closed:
+                return
+            if request.WhichOneof("kind") != "step" or request.session_id != session.session_id:
+                raise InvalidRequestError("a push stream carries only steps of its own session")
+            if pusher != session.upstream_peer_id:
+                raise PermissionDeniedError(f"{pusher} is no longer the previous hop of this session")
+            try:
+                await self._step(session, request.step)
+            except BrigadeError as error:
+                _post(session, error)  # the client learns on its own stream, and this push stream ends
+                raise
+
+    def _relink(self, session: Session, relink: pb.Relink) -> None:
+        if session.forwarder is not None:
+            session.forwarder.close()
+            session.forwarder = None
+        session.next = relink.next if relink.HasField("next") else None
+        session.upstream_peer_id = relink.upstream_peer_id
+        if session.next is not None:
+            session.forwarder = self._forwarder(session.next)
+
+    def _forwarder(self, next_hop: pb.NextHop) -> Forwarder:
+        return Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
+
+    def _channel_to(self, next_hop: pb.NextHop) -> grpc.aio.Channel:
+        key = (next_hop.address, next_hop.tls_cert)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = dial(next_hop.address, next_hop.tls_cert, allow_insecure=self.config.insecure,
+                           max_message_bytes=self.config.max_message_bytes)
+            self._channels[key] = channel
+        return channel
+
+    # -- one step --------------------------------------------------------------------------------
+    async def _step(self, session: Session, step: pb.Step) -> None:
+        """Computes one step (in chunks when long) and sends each chunk on: to the next hop or the client."""
+        async with session.step_lock:
+            await self._step_locked(session, step)
+
+    async def _step_locked(self, session: Session, step: pb.Step) -> None:
+        self.sessions.account_input(session, len(step.hidden.data))
         hidden = decode(step.hidden, self.limits)
         self._check_hidden(hidden, session.batch_size)
-        capacity = self.sessions.prepare_step(session, step.start_position, hidden.shape[1])
-        out, compute_ms = await self.executor.step(session, hidden, step.start_position, capacity)
-        return pb.InferenceResponse(
-            result=pb.StepResult(
-                hidden=encode(out, hidden.dtype),
-                length=session.length,
-                step_id=step.step_id,
-                compute_ms=compute_ms,
-                peer_leaving=not self.sessions.accepting,
-            )
-        )
+        start = step.start_position
+        capacity = self.sessions.prepare_step(session, start, hidden.shape[1])
+        if session.outputs is not None:
+            session.outputs.truncate(start)
+        whole_input_digest = tensor_digest(step.hidden)
+        chunks: asyncio.Queue[_Chunk] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
 
-    async def Forward(
-        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ForwardResponse:
+        def on_chunk(item: WorkItem, output: torch.Tensor, offset: int, positions: int, compute_ms: float) -> None:
+            queue_ms = ((item.started_at or item.enqueued_at) - item.enqueued_at) * 1000
+            loop.call_soon_threadsafe(chunks.put_nowait, _Chunk(output, offset, positions, compute_ms, queue_ms))
+
+        def on_error(item: WorkItem, error: BaseException) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, _Chunk(None, 0, 0, 0.0, 0.0, error))
+
+        self.executor.submit(WorkItem(
+            hidden=hidden, pad_lengths=session.pad_lengths, layers=session.layers, session=session,
+            start_position=start, capacity=capacity, chunk_tokens=self.config.prefill_chunk_tokens,
+            on_chunk=on_chunk, on_error=on_error,
+        ))
+        done = 0
+        async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):
+            while done < hidden.shape[1]:
+                chunk = await chunks.get()
+                if chunk.error is not None:
+                    raise InvalidRequestError(f"the step could not be computed: {chunk.error}") from chunk.error
+                assert chunk.output is not None
+                one_chunk = chunk.positions == hidden.shape[1]
+                input_digest = whole_input_digest if one_chunk else tensor_digest(
+                    encode(hidden[:, chunk.offset : chunk.offset + chunk.positions]))
+                await self._send_chunk(session, step, hidden.dtype, chunk, input_digest)
+                done += chunk.positions
+        session.last_used = time.monotonic()
+
+    async def _send_chunk(self, session: Session, step: pb.Step, wire: torch.dtype, chunk: _Chunk,
+                          input_digest: bytes) -> None:
+        assert chunk.output is not None
+        position = step.start_position + chunk.offset
+        output = encode(chunk.output, wire)
+        attestation = attest(self.identity, session.session_id, step.step_id, position, session.layers,
+                             input_digest, tensor_digest(output))
+        if session.outputs is not None:
+            session.outputs.write(position, chunk.output.to(wire))
+        result = pb.StepResult(
+            length=position + chunk.positions, step_id=step.step_id, compute_ms=chunk.compute_ms,
+            peer_leaving=not self.sessions.accepting, start_position=position, positions=chunk.positions,
+            attestation=attestation, queue_ms=chunk.queue_ms,
+        )
+        if session.forwarder is not None:
+            forwarded = pb.Step(hidden=output, start_position=position, step_id=step.step_id,
+                                step_positions=step.step_positions or step.hidden.shape[1])
+            try:
+                await session.forwarder.send(forwarded)
+                result.forwarded = True
+            except ForwardError as error:
+                logger.info("forwarding failed for session %s: %s", session.session_id, error)
+                result.forward_error = str(error)
+                session.forwarder = None  # the client re-links or carries on client-driven
+        if not result.forwarded:
+            result.hidden.CopyFrom(output)
+        _post(session, pb.InferenceResponse(result=result))
+
+    # -- unary RPCs --------------------------------------------------------------------------------
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         try:
+            self._identify(request.token if request.HasField("token") else None, "forward", b"")
             start, end = request.start_layer, request.end_layer
             if not self.config.start_layer <= start < end <= self.config.end_layer:
                 raise InvalidRequestError(
@@ -125,14 +325,47 @@ class PeerServicer(pb_grpc.PeerServicer):
             pads = list(request.pad_lengths) or [0] * hidden.shape[0]
             if len(pads) != hidden.shape[0] or any(pad >= hidden.shape[1] for pad in pads):
                 raise InvalidRequestError("pad_lengths needs one value per sequence, each below its length")
-            out, compute_ms = await self.executor.forward(hidden, torch.tensor(pads), (start, end))
-            return pb.ForwardResponse(hidden=encode(out, hidden.dtype), compute_ms=compute_ms)
+            output, compute_ms = await self._stateless(hidden, torch.tensor(pads), (start, end))
+            return pb.ForwardResponse(hidden=encode(output, hidden.dtype), compute_ms=compute_ms)
         except BrigadeError as error:
             logger.info("forward refused: %s", error)
             await context.abort(error.status, str(error))
             raise AssertionError("unreachable: abort raises") from error
 
+    async def _stateless(self, hidden: torch.Tensor, pads: torch.Tensor,
+                         layers: tuple[int, int]) -> tuple[torch.Tensor, float]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[torch.Tensor, float]] = loop.create_future()
+
+        def finish(item: WorkItem, output: torch.Tensor, offset: int, positions: int, compute_ms: float) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result((output, compute_ms)))
+
+        def fail(item: WorkItem, error: BaseException) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(
+                InvalidRequestError(f"the pass could not be computed: {error}")))
+
+        self.executor.submit(WorkItem(hidden=hidden, pad_lengths=pads, layers=layers, on_chunk=finish, on_error=fail))
+        async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):
+            return await done
+
+    async def History(self, request: pb.HistoryRequest, context: grpc.aio.ServicerContext) -> pb.HistoryResponse:
+        try:
+            session = self.sessions.sessions.get(request.session_id)
+            if session is None:
+                raise UnknownSessionError(f"unknown session {request.session_id!r}")
+            requester = self._identify(request.token if request.HasField("token") else None, "history",
+                                       request.session_id.encode())
+            if requester != session.owner:
+                raise PermissionDeniedError("only the client that opened a session may read its outputs")
+            if session.outputs is None:
+                raise InvalidRequestError("this session was opened without keep_outputs")
+            return pb.HistoryResponse(hidden=encode(session.outputs.read(request.start, request.end)))
+        except BrigadeError as error:
+            await context.abort(error.status, str(error))
+            raise AssertionError("unreachable: abort raises") from error
+
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        extra = self._info_extra()
         return pb.InfoResponse(
             peer_id=self.peer_id,
             model_name=self.model_name,
@@ -147,5 +380,26 @@ class PeerServicer(pb_grpc.PeerServicer):
             free_cache_tokens=self.sessions.pool.free_tokens,
             open_sessions=len(self.sessions.sessions),
             state="online" if self.sessions.accepting else "leaving",
-            throughput=float(self._info_extra().get("throughput", 0.0)),
+            throughput=float(extra.get("throughput", 0.0)),
+            software_version=str(extra.get("software_version", "")),
+            started_at=float(extra.get("started_at", 0.0)),
+            cache_tokens=self.sessions.pool.capacity_tokens,
         )
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class _IdleError(BrigadeError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _post(session: Session, item: object) -> None:
+    """Queues a result (or an error, or EOF) for the session's client stream."""
+    try:
+        session.outbox.put_nowait(item)
+    except asyncio.QueueFull:
+        logger.warning("session %s: its client stopped reading results; closing it", session.session_id)
+        session.closed = True

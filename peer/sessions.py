@@ -1,7 +1,9 @@
-"""Inference sessions on a peer: validation of what a client asks for, and their cache memory.
+"""Inference sessions on a peer: what a client may ask for, whose it is, and its cache memory.
 
 A session belongs to the stream that opened it and dies with it. Its cache starts at one page
-per sequence and grows geometrically, each growth paid for from the pool first.
+per sequence and grows geometrically, each growth paid for from the pool first. Every session
+has an owner (the client identity that signed its open): one owner may hold only so many
+sessions and so much of the pool, so one client cannot squat a peer's whole cache.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,10 +25,49 @@ from brigade.protocol.errors import (
     CacheFullError,
     InvalidRequestError,
     PeerLeavingError,
+    QuotaExceededError,
     SessionLengthError,
 )
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+OUTBOX_SIZE = 256  # results waiting to be written to a session's client; more means the client stopped reading
+
+
+class OutputHistory:
+    """A session's outputs by position, kept for its client (replay after a failover, result checks).
+
+    Stored in the wire dtype as sent, so what History returns hashes the same as what was
+    forwarded. Grows like the cache and is truncated with it on rollback.
+    """
+
+    def __init__(self, batch: int, hidden_size: int, dtype: torch.dtype):
+        self._buffer = torch.empty(batch, 0, hidden_size, dtype=dtype)
+        self.length = 0
+
+    def write(self, start: int, output: torch.Tensor) -> None:
+        end = start + output.shape[1]
+        if start > self.length:
+            raise ValueError(f"output at position {start} leaves a gap after {self.length}")
+        if output.dtype != self._buffer.dtype:
+            self._buffer = self._buffer.to(output.dtype)
+        if end > self._buffer.shape[1]:
+            grown = self._buffer.new_empty(self._buffer.shape[0], max(end, 2 * self._buffer.shape[1]),
+                                           self._buffer.shape[2])
+            grown[:, : self.length] = self._buffer[:, : self.length]
+            self._buffer = grown
+        self._buffer[:, start:end] = output
+        self.length = end
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        if not 0 <= start < end <= self.length:
+            raise InvalidRequestError(f"positions {start}:{end} are not among the {self.length} kept")
+        return self._buffer[:, start:end]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def nbytes(self) -> int:
+        return self._buffer.numel() * self._buffer.element_size()
 
 
 @dataclass
@@ -38,15 +80,30 @@ class Session:
     pad_lengths: torch.Tensor  # [B] int64
     cache: KVCache
     reserved_pages: int
+    owner: str = ""  # client identity that opened it ("" in --insecure swarms)
+    upstream_peer_id: str = ""  # the previous hop, allowed to push steps in (forwarding)
+    next: pb.NextHop | None = None  # where outputs go instead of back to the client
+    outputs: OutputHistory | None = None  # kept outputs (keep_outputs)
+    max_bytes: int = 0  # input bytes this session may send in all
+    bytes_received: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    closed: bool = False
+    # Results for the client's stream, from whichever stream the steps came in on.
+    outbox: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
+    forwarder: Any = None  # peer.forwarding.Forwarder while a next hop is linked
+    step_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, whichever stream
 
     @property
     def length(self) -> int:
         return self.cache.length
 
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.start, self.end
+
 
 class SessionManager:
-    """Opens, grows and closes sessions against one cache pool."""
+    """Opens, grows and closes sessions against one cache pool, with a share per owner."""
 
     def __init__(self, config: PeerConfig, args: LlamaArgs, dtype: torch.dtype, device: str):
         self.config = config
@@ -57,12 +114,16 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.accepting = True
         self._freed = asyncio.Event()  # set whenever pages go back to the pool
+        self._owner_pages: dict[str, int] = {}
+        self._owner_sessions: dict[str, int] = {}
 
-    async def open(self, request: pb.OpenSession) -> Session:
+    # -- opening ---------------------------------------------------------------------------------
+    async def open(self, request: pb.OpenSession, owner: str = "") -> Session:
         """Admits a session, waiting up to the client's open_timeout_s for cache pages to free up."""
-        self._check_open(request)
+        self._check_open(request, owner)
         capacity = min(request.max_length, self.pool.page_tokens)
         pages = self.pool.pages_for(capacity) * request.batch_size
+        self._check_share(owner, pages, new_session=True)
         wait_s = min(max(request.open_timeout_s, 0.0), self.config.max_admission_wait_s)
         deadline = time.monotonic() + wait_s
         while not self.pool.try_reserve(pages):
@@ -78,14 +139,15 @@ class SessionManager:
                     await self._freed.wait()
             except TimeoutError:
                 pass
-            self._check_open(request)  # the peer may have started draining meanwhile
+            self._check_open(request, owner)  # the peer may have started draining meanwhile
+            self._check_share(owner, pages, new_session=True)
         try:
             cache = KVCache.allocate(
                 request.start_layer, request.end_layer, request.batch_size, self.args.num_kv_heads,
                 self.args.head_dim, capacity, self.dtype, self.device,
             )
         except BaseException:
-            self._release(pages)
+            self._release_pages(pages)
             raise
         pads = list(request.pad_lengths) or [0] * request.batch_size
         session = Session(
@@ -97,11 +159,25 @@ class SessionManager:
             pad_lengths=torch.tensor(pads, dtype=torch.long, device=self.device),
             cache=cache,
             reserved_pages=pages,
+            owner=owner,
+            upstream_peer_id=request.upstream_peer_id,
+            next=request.next if request.HasField("next") else None,
+            outputs=OutputHistory(request.batch_size, self.args.hidden_size, torch.float32)
+            if request.keep_outputs else None,
+            max_bytes=self._session_byte_cap(request),
         )
         self.sessions[session.session_id] = session
+        self._owner_pages[owner] = self._owner_pages.get(owner, 0) + pages
+        self._owner_sessions[owner] = self._owner_sessions.get(owner, 0) + 1
         return session
 
-    def _check_open(self, request: pb.OpenSession) -> None:
+    def _session_byte_cap(self, request: pb.OpenSession) -> int:
+        """What a session may send in all: its whole span four times over (prefill, replays, rollbacks)."""
+        if self.config.max_session_bytes is not None:
+            return self.config.max_session_bytes
+        return 4 * request.batch_size * request.max_length * self.args.hidden_size * 4
+
+    def _check_open(self, request: pb.OpenSession, owner: str) -> None:
         if not self.accepting:
             raise PeerLeavingError("this peer is shutting down and accepts no new sessions; route around it")
         if not SESSION_ID.match(request.session_id):
@@ -122,12 +198,48 @@ class SessionManager:
         pads = list(request.pad_lengths) or [0] * request.batch_size
         if len(pads) != request.batch_size or any(pad >= request.max_length for pad in pads):
             raise InvalidRequestError("pad_lengths needs one value per sequence, each below max_length")
+        if request.HasField("next"):
+            next_hop = request.next
+            if not SESSION_ID.match(next_hop.session_id) or not next_hop.address or len(next_hop.address) > 256:
+                raise InvalidRequestError("next hop needs an address and a valid session_id")
+            if len(next_hop.tls_cert) > 8192:
+                raise InvalidRequestError("next hop certificate is too large")
+
+    def _check_share(self, owner: str, extra_pages: int, new_session: bool = False) -> None:
+        """One owner may hold at most max_sessions_per_client sessions and client_cache_share of the pool."""
+        if not owner:
+            return
+        if new_session and self._owner_sessions.get(owner, 0) >= self.config.max_sessions_per_client:
+            raise QuotaExceededError(
+                f"client {owner} already holds {self.config.max_sessions_per_client} sessions here, its limit; "
+                "close some or use other peers"
+            )
+        share_pages = int(self.pool.capacity_pages * self.config.client_cache_share)
+        held = self._owner_pages.get(owner, 0)
+        if held + extra_pages > max(share_pages, 1):
+            raise QuotaExceededError(
+                f"client {owner} would hold {(held + extra_pages) * self.pool.page_tokens} of "
+                f"{self.pool.capacity_tokens} cache positions, more than its share "
+                f"({self.config.client_cache_share:.0%}); close sessions or use other peers"
+            )
+
+    # -- steps -----------------------------------------------------------------------------------
+    def account_input(self, session: Session, nbytes: int) -> None:
+        """Counts a step's input bytes against the session's cap before it is decoded."""
+        if session.bytes_received + nbytes > session.max_bytes:
+            raise CacheFullError(
+                f"session {session.session_id} has sent {session.bytes_received} bytes; this step "
+                f"({nbytes}) would pass its cap of {session.max_bytes}"
+            )
+        session.bytes_received += nbytes
 
     def prepare_step(self, session: Session, start_position: int, length: int) -> int:
         """Checks a step's positions and pays for the cache it needs; returns the new capacity.
 
         Runs on the event loop (the pool's accounting), before the compute thread grows buffers.
         """
+        if session.closed:
+            raise InvalidRequestError(f"session {session.session_id} is closed")
         if start_position > session.length:
             raise InvalidRequestError(
                 f"step starts at position {start_position} but the session holds {session.length}"
@@ -137,23 +249,34 @@ class SessionManager:
             raise SessionLengthError(
                 f"step would reach position {needed}, past the session's max_length {session.max_length}"
             )
+        session.last_used = time.monotonic()
         capacity = session.cache.capacity
         if needed <= capacity:
             return capacity
         page = self.pool.page_tokens
         wanted = min(session.max_length, max(needed, 2 * capacity))
+        quota_error: QuotaExceededError | None = None
         for target in (wanted, needed):
             target = -(-target // page) * page if target < session.max_length else session.max_length
             extra = self.pool.pages_for(target) * session.batch_size - session.reserved_pages
+            try:
+                self._check_share(session.owner, extra)
+            except QuotaExceededError as error:
+                quota_error = error
+                continue
             if self.pool.try_reserve(extra):
                 session.reserved_pages += extra
+                self._owner_pages[session.owner] = self._owner_pages.get(session.owner, 0) + extra
                 return target
+        if quota_error is not None:
+            raise quota_error
         raise CacheFullError(
             f"KV cache is full: the session needs {(needed - capacity) * session.batch_size} more positions, "
             f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
         )
 
-    def _release(self, pages: int) -> None:
+    # -- closing ---------------------------------------------------------------------------------
+    def _release_pages(self, pages: int) -> None:
         self.pool.release(pages)
         self._freed.set()
 
@@ -161,5 +284,19 @@ class SessionManager:
         # The buffers are freed when the last reference goes: a step still computing (its client
         # gave up mid-step) finishes on them harmlessly instead of failing on emptied lists.
         session = self.sessions.pop(session_id, None)
-        if session is not None:
-            self._release(session.reserved_pages)
+        if session is None:
+            return
+        session.closed = True
+        self._release_pages(session.reserved_pages)
+        owner = session.owner
+        self._owner_pages[owner] = self._owner_pages.get(owner, 0) - session.reserved_pages
+        self._owner_sessions[owner] = self._owner_sessions.get(owner, 0) - 1
+        if self._owner_sessions[owner] <= 0:
+            self._owner_sessions.pop(owner, None)
+            self._owner_pages.pop(owner, None)
+        if session.forwarder is not None:
+            session.forwarder.close()
+
+    def owner_usage(self, owner: str) -> tuple[int, int]:
+        """(sessions, cache positions) ``owner`` holds now."""
+        return self._owner_sessions.get(owner, 0), self._owner_pages.get(owner, 0) * self.pool.page_tokens

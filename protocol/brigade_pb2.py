@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rbrigade.proto\x12\nbrigade.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\r\x12\x11\n\tend_layer\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x13\n\x0bpad_lengths\x18\x06 \x03(\r\x12\x16\n\x0eopen_timeout_s\x18\x07 \x01(\x02\"S\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"y\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.brigade.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.brigade.v1.StepH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\tB\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\"{\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x14\n\x0cpeer_leaving\x18\x05 \x01(\x08\"r\n\x11InferenceResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.brigade.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.brigade.v1.StepResultH\x00\x42\x06\n\x04kind\"q\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_layer\x18\x01 \x01(\r\x12\x11\n\tend_layer\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x13\n\x0bpad_lengths\x18\x04 \x03(\r\"I\n\x0f\x46orwardResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\"\r\n\x0bInfoRequest\"\xa3\x02\n\x0cInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x12\n\nmax_length\x18\n \x01(\r\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x15\n\ropen_sessions\x18\x0c \x01(\r\x12\r\n\x05state\x18\r \x01(\t\x12\x12\n\nthroughput\x18\x0e \x01(\x01\x32\xd3\x01\n\x04Peer\x12L\n\tInference\x12\x1c.brigade.v1.InferenceRequest\x1a\x1d.brigade.v1.InferenceResponse(\x01\x30\x01\x12\x42\n\x07\x46orward\x12\x1a.brigade.v1.ForwardRequest\x1a\x1b.brigade.v1.ForwardResponse\x12\x39\n\x04Info\x12\x17.brigade.v1.InfoRequest\x1a\x18.brigade.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rbrigade.proto\x12\nbrigade.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"b\n\x05Token\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x11\n\tissued_at\x18\x03 \x01(\x01\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"Q\n\x07NextHop\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08tls_cert\x18\x04 \x01(\t\"\x93\x02\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\r\x12\x11\n\tend_layer\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x13\n\x0bpad_lengths\x18\x06 \x03(\r\x12\x16\n\x0eopen_timeout_s\x18\x07 \x01(\x02\x12 \n\x05token\x18\x08 \x01(\x0b\x32\x11.brigade.v1.Token\x12!\n\x04next\x18\t \x01(\x0b\x32\x13.brigade.v1.NextHop\x12\x18\n\x10upstream_peer_id\x18\n \x01(\t\x12\x14\n\x0ckeep_outputs\x18\x0b \x01(\x08\"k\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x16\n\x0estep_positions\x18\x04 \x01(\r\">\n\x06\x41ttach\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05token\x18\x02 \x01(\x0b\x32\x11.brigade.v1.Token\"E\n\x06Relink\x12!\n\x04next\x18\x01 \x01(\x0b\x32\x13.brigade.v1.NextHop\x12\x18\n\x10upstream_peer_id\x18\x02 \x01(\t\"\n\n\x08Relinked\"\xc5\x01\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.brigade.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.brigade.v1.StepH\x00\x12$\n\x06\x61ttach\x18\x04 \x01(\x0b\x32\x12.brigade.v1.AttachH\x00\x12$\n\x06relink\x18\x05 \x01(\x0b\x32\x12.brigade.v1.RelinkH\x00\x12\x12\n\nsession_id\x18\x03 \x01(\tB\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\"\xc3\x01\n\x0b\x41ttestation\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x16\n\x0estart_position\x18\x04 \x01(\r\x12\x13\n\x0bstart_layer\x18\x05 \x01(\r\x12\x11\n\tend_layer\x18\x06 \x01(\r\x12\x14\n\x0cinput_sha256\x18\x07 \x01(\x0c\x12\x15\n\routput_sha256\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\"\x90\x02\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x14\n\x0cpeer_leaving\x18\x05 \x01(\x08\x12\x16\n\x0estart_position\x18\x06 \x01(\r\x12\x11\n\tpositions\x18\x07 \x01(\r\x12\x11\n\tforwarded\x18\x08 \x01(\x08\x12\x15\n\rforward_error\x18\t \x01(\t\x12,\n\x0b\x61ttestation\x18\n \x01(\x0b\x32\x17.brigade.v1.Attestation\x12\x10\n\x08queue_ms\x18\x0b \x01(\x02\"\x9c\x01\n\x11InferenceResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.brigade.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.brigade.v1.StepResultH\x00\x12(\n\x08relinked\x18\x03 \x01(\x0b\x32\x14.brigade.v1.RelinkedH\x00\x42\x06\n\x04kind\"\x93\x01\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_layer\x18\x01 \x01(\r\x12\x11\n\tend_layer\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x13\n\x0bpad_lengths\x18\x04 \x03(\r\x12 \n\x05token\x18\x05 \x01(\x0b\x32\x11.brigade.v1.Token\"I\n\x0f\x46orwardResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\"b\n\x0eHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12 \n\x05token\x18\x04 \x01(\x0b\x32\x11.brigade.v1.Token\"5\n\x0fHistoryResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.brigade.v1.Tensor\"\r\n\x0bInfoRequest\"\xe7\x02\n\x0cInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x12\n\nmax_length\x18\n \x01(\r\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x15\n\ropen_sessions\x18\x0c \x01(\r\x12\r\n\x05state\x18\r \x01(\t\x12\x12\n\nthroughput\x18\x0e \x01(\x01\x12\x18\n\x10software_version\x18\x0f \x01(\t\x12\x12\n\nstarted_at\x18\x10 \x01(\x01\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\x11 \x01(\x04\x32\x97\x02\n\x04Peer\x12L\n\tInference\x12\x1c.brigade.v1.InferenceRequest\x1a\x1d.brigade.v1.InferenceResponse(\x01\x30\x01\x12\x42\n\x07\x46orward\x12\x1a.brigade.v1.ForwardRequest\x1a\x1b.brigade.v1.ForwardResponse\x12\x42\n\x07History\x12\x1a.brigade.v1.HistoryRequest\x1a\x1b.brigade.v1.HistoryResponse\x12\x39\n\x04Info\x12\x17.brigade.v1.InfoRequest\x1a\x18.brigade.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=29
   _globals['_TENSOR']._serialized_end=81
-  _globals['_OPENSESSION']._serialized_start=84
-  _globals['_OPENSESSION']._serialized_end=242
-  _globals['_STEP']._serialized_start=244
-  _globals['_STEP']._serialized_end=327
-  _globals['_INFERENCEREQUEST']._serialized_start=329
-  _globals['_INFERENCEREQUEST']._serialized_end=450
-  _globals['_SESSIONOPENED']._serialized_start=452
-  _globals['_SESSIONOPENED']._serialized_end=507
-  _globals['_STEPRESULT']._serialized_start=509
-  _globals['_STEPRESULT']._serialized_end=632
-  _globals['_INFERENCERESPONSE']._serialized_start=634
-  _globals['_INFERENCERESPONSE']._serialized_end=748
-  _globals['_FORWARDREQUEST']._serialized_start=750
-  _globals['_FORWARDREQUEST']._serialized_end=863
-  _globals['_FORWARDRESPONSE']._serialized_start=865
-  _globals['_FORWARDRESPONSE']._serialized_end=938
-  _globals['_INFOREQUEST']._serialized_start=940
-  _globals['_INFOREQUEST']._serialized_end=953
-  _globals['_INFORESPONSE']._serialized_start=956
-  _globals['_INFORESPONSE']._serialized_end=1247
-  _globals['_PEER']._serialized_start=1250
-  _globals['_PEER']._serialized_end=1461
+  _globals['_TOKEN']._serialized_start=83
+  _globals['_TOKEN']._serialized_end=181
+  _globals['_NEXTHOP']._serialized_start=183
+  _globals['_NEXTHOP']._serialized_end=264
+  _globals['_OPENSESSION']._serialized_start=267
+  _globals['_OPENSESSION']._serialized_end=542
+  _globals['_STEP']._serialized_start=544
+  _globals['_STEP']._serialized_end=651
+  _globals['_ATTACH']._serialized_start=653
+  _globals['_ATTACH']._serialized_end=715
+  _globals['_RELINK']._serialized_start=717
+  _globals['_RELINK']._serialized_end=786
+  _globals['_RELINKED']._serialized_start=788
+  _globals['_RELINKED']._serialized_end=798
+  _globals['_INFERENCEREQUEST']._serialized_start=801
+  _globals['_INFERENCEREQUEST']._serialized_end=998
+  _globals['_SESSIONOPENED']._serialized_start=1000
+  _globals['_SESSIONOPENED']._serialized_end=1055
+  _globals['_ATTESTATION']._serialized_start=1058
+  _globals['_ATTESTATION']._serialized_end=1253
+  _globals['_STEPRESULT']._serialized_start=1256
+  _globals['_STEPRESULT']._serialized_end=1528
+  _globals['_INFERENCERESPONSE']._serialized_start=1531
+  _globals['_INFERENCERESPONSE']._serialized_end=1687
+  _globals['_FORWARDREQUEST']._serialized_start=1690
+  _globals['_FORWARDREQUEST']._serialized_end=1837
+  _globals['_FORWARDRESPONSE']._serialized_start=1839
+  _globals['_FORWARDRESPONSE']._serialized_end=1912
+  _globals['_HISTORYREQUEST']._serialized_start=1914
+  _globals['_HISTORYREQUEST']._serialized_end=2012
+  _globals['_HISTORYRESPONSE']._serialized_start=2014
+  _globals['_HISTORYRESPONSE']._serialized_end=2067
+  _globals['_INFOREQUEST']._serialized_start=2069
+  _globals['_INFOREQUEST']._serialized_end=2082
+  _globals['_INFORESPONSE']._serialized_start=2085
+  _globals['_INFORESPONSE']._serialized_end=2444
+  _globals['_PEER']._serialized_start=2447
+  _globals['_PEER']._serialized_end=2726
 # @@protoc_insertion_point(module_scope)

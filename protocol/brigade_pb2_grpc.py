@@ -44,6 +44,11 @@ class PeerStub:
                 request_serializer=brigade__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=brigade__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.History = channel.unary_unary(
+                '/brigade.v1.Peer/History',
+                request_serializer=brigade__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=brigade__pb2.HistoryResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/brigade.v1.Peer/Info',
                 request_serializer=brigade__pb2.InfoRequest.SerializeToString,
@@ -61,6 +66,12 @@ class PeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def History(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +95,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=brigade__pb2.ForwardRequest.FromString,
                     response_serializer=brigade__pb2.ForwardResponse.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=brigade__pb2.HistoryRequest.FromString,
+                    response_serializer=brigade__pb2.HistoryResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -145,6 +161,33 @@ class Peer:
             '/brigade.v1.Peer/Forward',
             brigade__pb2.ForwardRequest.SerializeToString,
             brigade__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/brigade.v1.Peer/History',
+            brigade__pb2.HistoryRequest.SerializeToString,
+            brigade__pb2.HistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,22 @@ class PeerLeavingError(BrigadeError):
     status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class InvalidTokenError(BrigadeError):
+    """A request's identity token is missing, malformed, expired, replayed or for another peer."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(BrigadeError):
+    """The identity is valid but not allowed here (block list, not the session's owner or upstream)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class QuotaExceededError(CacheFullError):
+    """One client identity asks for more sessions or cache than its share of this peer."""
+
+
 class MissingLayersError(Exception):
     """No live peer serves some layers of the model; raised on the client side."""
 
@@ -67,7 +83,8 @@ class MissingLayersError(Exception):
 
 _BY_STATUS = {
     cls.status: cls
-    for cls in (InvalidRequestError, UnknownSessionError, SessionLengthError, CacheFullError, PeerLeavingError)
+    for cls in (InvalidRequestError, UnknownSessionError, SessionLengthError, CacheFullError, PeerLeavingError,
+                InvalidTokenError, PermissionDeniedError)
 }
 
 

@@ -9,15 +9,18 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from brigade_peer_client import open_session, peer_stub
 from brigade_testkit import PEER_THREADS
 
 from brigade.peer.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
+from brigade.protocol.identity import Identity
 from brigade.protocol.tensors import encode
 
 POOL = 256  # positions; pages of 64
 HIDDEN = 64
+PEER: dict[str, object] = {}  # the ready line of the peer under test, set by the fixture
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +29,12 @@ def stub(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         swarm.start_bootstrap()
         peer = swarm.add_peer(str(llama_checkpoint), (0, 6), extra_args=[
-            "--cache-tokens", str(POOL), "--session-idle-timeout", "1.5", "--drain-grace", "1"])
-        with grpc.insecure_channel(str(peer.info["address"])) as channel:
-            yield pb_grpc.PeerStub(channel)
+            "--cache-tokens", str(POOL), "--session-idle-timeout", "1.5", "--drain-grace", "1",
+            "--client-cache-share", "1.0"])
+        PEER.update(peer.info)
+        channel, stub = peer_stub(PEER)
+        with channel:
+            yield stub
     finally:
         swarm.close()
 
@@ -42,9 +48,9 @@ class Session:
         self.session_id = session_id
         self.position = 0
         self._responses = stub.Inference(iter(self._queue.get, None), timeout=60)
-        self._queue.put(pb.InferenceRequest(open=pb.OpenSession(
-            session_id=session_id, start_layer=0, end_layer=6, batch_size=1, max_length=max_length,
-            open_timeout_s=wait_s)))
+        # each session its own client identity: these tests are about the pool, not per-client shares
+        self._queue.put(open_session(PEER, session_id, identity=Identity.generate(), start_layer=0, end_layer=6,
+                                     batch_size=1, max_length=max_length, open_timeout_s=wait_s))
         next(self._responses)
 
     def step(self, length: int) -> int:

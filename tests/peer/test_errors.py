@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from brigade_peer_client import forward_token, open_session, peer_stub
 
 from brigade.peer.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
@@ -16,18 +17,19 @@ from brigade.protocol.tensors import encode
 HIDDEN = 64
 
 
+PEER: dict[str, object] = {}  # the ready line of the peer under test (layers 0:2), set by the fixture
+
+
 @pytest.fixture(scope="module")
 def stub(llama_swarm: LocalSwarm) -> Iterator[pb_grpc.PeerStub]:
-    address = str(llama_swarm.peers[0].info["address"])  # hosts layers 0:2
-    options = [("grpc.max_send_message_length", 256 << 20)]
-    with grpc.insecure_channel(address, options=options) as channel:
-        yield pb_grpc.PeerStub(channel)
+    PEER.update(llama_swarm.peers[0].info)  # hosts layers 0:2
+    channel, stub = peer_stub(PEER, [("grpc.max_send_message_length", 256 << 20)])
+    with channel:
+        yield stub
 
 
-def open_request(session_id: str = "session-ok-1", max_length: int = 16) -> pb.InferenceRequest:
-    return pb.InferenceRequest(
-        open=pb.OpenSession(session_id=session_id, start_layer=0, end_layer=2, batch_size=1, max_length=max_length)
-    )
+def open_request(session_id: str = "session-ok-1", max_length: int = 16, **fields: object) -> pb.InferenceRequest:
+    return open_session(PEER, session_id, start_layer=0, end_layer=2, batch_size=1, max_length=max_length, **fields)
 
 
 def step_request(tensor: pb.Tensor, session_id: str = "session-ok-1", start: int = 0) -> pb.InferenceRequest:
@@ -93,12 +95,11 @@ def test_step_past_max_length(stub: pb_grpc.PeerStub) -> None:
 
 
 def test_layers_outside_the_span(stub: pb_grpc.PeerStub) -> None:
-    request = pb.InferenceRequest(
-        open=pb.OpenSession(session_id="session-far", start_layer=2, end_layer=4, batch_size=1, max_length=8)
-    )
+    request = open_session(PEER, "session-far", start_layer=2, end_layer=4, batch_size=1, max_length=8)
     expect_status(stub, [request], grpc.StatusCode.INVALID_ARGUMENT, "not inside this peer's span 0:2")
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Forward(pb.ForwardRequest(start_layer=0, end_layer=3, hidden=encode(torch.randn(1, 2, HIDDEN))))
+        stub.Forward(pb.ForwardRequest(start_layer=0, end_layer=3, hidden=encode(torch.randn(1, 2, HIDDEN)),
+                                       token=forward_token(PEER)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert_peer_still_serves(stub)
 
@@ -107,3 +108,18 @@ def test_bad_session_parameters(stub: pb_grpc.PeerStub) -> None:
     expect_status(stub, [open_request(session_id="x")], grpc.StatusCode.INVALID_ARGUMENT, "session_id")
     expect_status(stub, [open_request(max_length=0)], grpc.StatusCode.INVALID_ARGUMENT, "max_length")
     expect_status(stub, [open_request(), open_request()], grpc.StatusCode.INVALID_ARGUMENT, "already has a session")
+
+
+def test_missing_forged_replayed_or_misaddressed_tokens(stub: pb_grpc.PeerStub) -> None:
+    bare = pb.InferenceRequest(open=pb.OpenSession(session_id="session-tok-1", start_layer=0, end_layer=2,
+                                                   batch_size=1, max_length=8))
+    expect_status(stub, [bare], grpc.StatusCode.UNAUTHENTICATED, "needs a token")
+    elsewhere = open_session({"peer_id": "bpSomebodyElse"}, "session-tok-2", start_layer=0, end_layer=2,
+                             batch_size=1, max_length=8)
+    expect_status(stub, [elsewhere], grpc.StatusCode.UNAUTHENTICATED, "addressed to")
+    moved = open_request("session-tok-3")
+    moved.open.session_id = "session-tok-4"  # a token bound to another session id
+    expect_status(stub, [moved], grpc.StatusCode.UNAUTHENTICATED, "does not verify")
+    used = open_request("session-tok-5")
+    run_stream(stub, [used])
+    expect_status(stub, [used], grpc.StatusCode.UNAUTHENTICATED, "already used")

@@ -29,8 +29,9 @@ def test_layers_chosen_for_max_memory_fit(tmp_path: Path) -> None:
                                   num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=LAYERS)
     with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
         swarm.start_bootstrap()
+        # One client uses this small pool alone: let it hold all of it (the default share is a quarter).
         peer = swarm.add_peer(str(checkpoint), None, extra_args=["--max-memory", f"{BUDGET_MIB}MiB",
-                                                                 "--drain-grace", "1"])
+                                                                 "--drain-grace", "1", "--client-cache-share", "1"])
         start, end = (int(x) for x in str(peer.info["layers"]).split(":"))
         assert start == 0 and 0 < end < LAYERS, "the budget should limit the span"
         plan_line = next(line for line in peer.log_path.read_text().splitlines() if line.startswith("plan:"))

@@ -1,0 +1,268 @@
+"""One hop of a client's session: the gRPC stream to a peer, what was sent to it, and its answers.
+
+Each hop's stream has a reader task that queues every answer as it arrives, so the session can
+wait on several hops at once (with forwarding, every hop of a run answers the same step) and a
+late answer of an abandoned attempt is simply skipped by its step id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from brigade.client.remote import RemoteSwarm
+from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.errors import BrigadeError, InvalidRequestError, SessionLengthError, from_status
+from brigade.protocol.errors import PeerLeavingError as _PeerLeaving
+from brigade.protocol.tensors import decode
+from brigade.protocol.tokens import make_token
+from brigade.routing.route import Hop
+
+logger = logging.getLogger(__name__)
+
+# Errors that say the request itself is wrong: another peer would refuse it too, so no retry.
+FATAL = (InvalidRequestError, SessionLengthError)
+
+
+class HopFailure(Exception):
+    """A hop did not answer correctly; its peer should be avoided (or left, when it is draining)."""
+
+    def __init__(self, hop: Hop, reason: str, leaving: bool = False):
+        super().__init__(f"peer {hop.peer.peer_id} ({hop.peer.address}, layers {hop.start}:{hop.end}): {reason}")
+        self.hop = hop
+        self.reason = reason
+        self.leaving = leaving  # the peer is draining: avoid it, but it did nothing wrong
+
+
+def classify(hop: Hop, error: BaseException, timeout: float | None = None) -> BaseException:
+    """Turns what went wrong talking to a hop into a HopFailure, or passes fatal errors through."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        error = from_status(error.code(), error.details() or "")
+    if isinstance(error, (*FATAL, HopFailure)):
+        return error
+    if isinstance(error, _PeerLeaving):
+        return HopFailure(hop, str(error), leaving=True)
+    if isinstance(error, TimeoutError):
+        return HopFailure(hop, f"no answer within {timeout or 0:.2f} s")
+    if isinstance(error, asyncio.InvalidStateError):  # gRPC: writing to a call that already ended
+        return HopFailure(hop, "the stream had already ended")
+    if isinstance(error, BrigadeError | grpc.RpcError | ConnectionError | OSError):
+        return HopFailure(hop, f"{type(error).__name__}: {error}")
+    return error  # cancellation and programming errors propagate unchanged
+
+
+class PositionLog:
+    """Tensors ``[B, n, H]`` by position, in order: what this client sent a hop (to replay it)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[int, torch.Tensor]] = []
+        self.length = 0
+        self.complete = True  # every position from 0 is here (false once a gap was skipped)
+
+    def append(self, start: int, tensor: torch.Tensor) -> None:
+        """Records ``tensor`` at ``start`` (forgetting anything from ``start`` on); a gap makes the log incomplete."""
+        self.truncate(start)
+        if start > self.length:
+            self.clear()
+            self.complete = False
+            return
+        self._chunks.append((start, tensor))
+        self.length = start + tensor.shape[1]
+
+    def truncate(self, length: int) -> None:
+        if length >= self.length:
+            return
+        kept = []
+        for start, tensor in self._chunks:
+            if start >= length:
+                break
+            kept.append((start, tensor[:, : length - start] if start + tensor.shape[1] > length else tensor))
+        self._chunks = kept
+        self.length = length
+
+    def read(self, end: int) -> torch.Tensor:
+        """Positions ``[0, end)``, which must all be held."""
+        if end > self.length:
+            raise ValueError(f"log holds {self.length} positions, not {end}")
+        tensor = torch.cat([chunk for _, chunk in self._chunks], dim=1)
+        return tensor[:, :end]
+
+    def clear(self) -> None:
+        self._chunks = []
+        self.length = 0
+        self.complete = True
+
+
+@dataclass
+class _Ended:
+    """The stream's end, as the reader task saw it."""
+
+    error: BaseException
+
+
+@dataclass
+class HopStream:
+    """One hop's open stream, its answers, and what the client knows of its inputs."""
+
+    hop: Hop
+    session_id: str
+    call: grpc.aio.StreamStreamCall
+    swarm: RemoteSwarm
+    forwards: bool = False  # this hop sends its outputs straight to the next hop's session
+    receives_push: bool = False  # the previous hop forwards into this one (its inputs are not in `inputs`)
+    session_next: pb.NextHop | None = None  # the links the peer holds for this session, as last set
+    session_upstream: str = ""
+    inputs: PositionLog = field(default_factory=PositionLog)  # what this client sent it
+    step_ema_s: float | None = None  # typical time from its input leaving to its decode answer arriving
+    leaving: bool = False
+    attestations: list[pb.Attestation] = field(default_factory=list)  # newest last, bounded
+    _answers: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.hop.peer.peer_id
+
+    @classmethod
+    async def open(
+        cls,
+        swarm: RemoteSwarm,
+        hop: Hop,
+        *,
+        batch_size: int,
+        max_length: int,
+        pad_lengths: list[int],
+        session_id: str | None = None,
+        next_hop: pb.NextHop | None = None,
+        upstream_peer_id: str = "",
+        keep_outputs: bool = False,
+    ) -> HopStream:
+        config = swarm.config
+        session_id = session_id or new_session_id()
+        call = swarm.stub(hop.peer).Inference()
+        opened = pb.OpenSession(
+            session_id=session_id, start_layer=hop.start, end_layer=hop.end, batch_size=batch_size,
+            max_length=max_length, pad_lengths=pad_lengths, open_timeout_s=config.cache_wait_s,
+            token=make_token(swarm.identity, hop.peer.peer_id, "open", session_id.encode()),
+            upstream_peer_id=upstream_peer_id, keep_outputs=keep_outputs,
+        )
+        if next_hop is not None:
+            opened.next.CopyFrom(next_hop)
+        try:
+            async with asyncio.timeout(config.open_timeout_s + config.cache_wait_s):
+                await call.write(pb.InferenceRequest(open=opened))
+                response = await call.read()
+            if response is grpc.aio.EOF:
+                raise from_status(await call.code(), await call.details() or "the peer closed the stream")
+            if response.WhichOneof("kind") != "opened":
+                raise HopFailure(hop, "answered an open with something else")
+        except BaseException as error:
+            call.cancel()
+            failure = classify(hop, error, config.open_timeout_s)
+            if failure is error:
+                raise
+            raise failure from error
+        stream = cls(hop=hop, session_id=session_id, call=call, swarm=swarm, forwards=next_hop is not None,
+                     receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id)
+        stream.inputs.complete = not upstream_peer_id  # pushed inputs are the previous peer's, not logged here
+        stream._reader = asyncio.create_task(stream._read_answers(), name=f"hop-{session_id}")
+        return stream
+
+    def next_hop(self) -> pb.NextHop:
+        """How another peer reaches this hop's session (what its predecessor forwards to)."""
+        return pb.NextHop(peer_id=self.peer_id, address=self.hop.peer.address, session_id=self.session_id,
+                          tls_cert=self.hop.peer.tls_cert)
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    code, details = await self.call.code(), await self.call.details()
+                    self._answers.put_nowait(_Ended(from_status(code, details or "the peer closed the stream")))
+                    return
+                self._answers.put_nowait(response)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a broken connection, the call cancelled
+            self._answers.put_nowait(_Ended(error))
+
+    async def send(self, request: pb.InferenceRequest) -> None:
+        try:
+            await self.call.write(request)
+        except BaseException as error:
+            failure = classify(self.hop, error)
+            if failure is error:
+                raise
+            raise failure from error
+
+    async def answer(self, timeout_s: float) -> pb.InferenceResponse:
+        """The next answer of this hop within ``timeout_s``; a HopFailure (or fatal error) otherwise."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                got = await self._answers.get()
+        except TimeoutError as error:
+            raise HopFailure(self.hop, f"no answer within {timeout_s:.2f} s") from error
+        if isinstance(got, _Ended):
+            self._answers.put_nowait(got)  # every later wait fails the same way
+            failure = classify(self.hop, got.error, timeout_s)
+            raise failure from got.error
+        return got
+
+    async def relink(self, next_hop: pb.NextHop | None, upstream_peer_id: str, timeout_s: float) -> None:
+        relink = pb.Relink(upstream_peer_id=upstream_peer_id)
+        if next_hop is not None:
+            relink.next.CopyFrom(next_hop)
+        await self.send(pb.InferenceRequest(session_id=self.session_id, relink=relink))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            response = await self.answer(max(0.01, deadline - time.monotonic()))
+            if response.WhichOneof("kind") == "relinked":
+                break  # step results of an abandoned attempt may come first: they are skipped
+        self.forwards = next_hop is not None
+
+    async def history(self, end: int, timeout_s: float) -> torch.Tensor:
+        """This hop's kept outputs for positions ``[0, end)`` (what its successor needs to be rebuilt)."""
+        request = pb.HistoryRequest(
+            session_id=self.session_id, start=0, end=end,
+            token=make_token(self.swarm.identity, self.peer_id, "history", self.session_id.encode()),
+        )
+        try:
+            response = await self.swarm.stub(self.hop.peer).History(request, timeout=timeout_s)
+            return decode(response.hidden)
+        except BaseException as error:
+            failure = classify(self.hop, error, timeout_s)
+            if failure is error:
+                raise
+            raise failure from error
+
+    def keep_attestation(self, attestation: pb.Attestation, limit: int = 4096) -> None:
+        self.attestations.append(attestation)
+        if len(self.attestations) > limit:
+            del self.attestations[: len(self.attestations) - limit]
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await self.call.done_writing()
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError):
+            pass
+        self.call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(12)

@@ -1,0 +1,49 @@
+"""What a peer signs about each result: the evidence behind a report of wrong work.
+
+For every step a peer computes it signs the session, step, first position, layers, and the
+SHA-256 of the input it received and of the output it produced, both over the exact wire bytes.
+Consecutive hops then chain: hop i's output hash is hop i+1's input hash, so a peer that forwards
+one thing and reports another is caught by its neighbour's signature, and a result that a
+re-check shows to be wrong is bound to the peer that signed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.identity import Identity, peer_id_of, verify
+
+_DOMAIN = b"brigade-attestation/1"
+
+
+def tensor_digest(tensor: pb.Tensor) -> bytes:
+    """SHA-256 over a wire tensor's dtype, shape and bytes (what both ends can hash without decoding)."""
+    digest = hashlib.sha256()
+    digest.update(tensor.dtype.encode())
+    digest.update(struct.pack(f"!{len(tensor.shape)}q", *tensor.shape))
+    digest.update(tensor.data)
+    return digest.digest()
+
+
+def _signed_bytes(att: pb.Attestation) -> bytes:
+    return b"\0".join([
+        _DOMAIN, att.peer_id.encode(), att.session_id.encode(),
+        struct.pack("!QIII", att.step_id, att.start_position, att.start_layer, att.end_layer),
+        att.input_sha256, att.output_sha256,
+    ])
+
+
+def attest(identity: Identity, session_id: str, step_id: int, start_position: int, layers: tuple[int, int],
+           input_sha256: bytes, output_sha256: bytes) -> pb.Attestation:
+    att = pb.Attestation(peer_id=identity.peer_id, session_id=session_id, step_id=step_id,
+                         start_position=start_position, start_layer=layers[0], end_layer=layers[1],
+                         input_sha256=input_sha256, output_sha256=output_sha256)
+    att.signature = identity.sign(_signed_bytes(att))
+    return att
+
+
+def check_attestation(att: pb.Attestation, public_key: bytes) -> bool:
+    """True when ``att`` is signed by ``public_key`` and names that key's peer id."""
+    return peer_id_of(public_key) == att.peer_id and verify(public_key, att.signature, _signed_bytes(att))
