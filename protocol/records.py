@@ -67,7 +67,7 @@ _PingMs = Annotated[float, Field(ge=0, le=1e7, allow_inf_nan=False)]
 
 def model_key(model_name: str) -> str:
     """The DHT key under which every peer of ``model_name`` stores its record."""
-    if not _MODEL_NAME.match(model_name):
+    if not _MODEL_NAME.fullmatch(model_name):
         raise ValueError(f"model name {model_name!r} must match {_MODEL_NAME.pattern}")
     return f"{MODEL_KEY_PREFIX}{model_name}"
 
@@ -152,7 +152,7 @@ def check_signed(value: Any, schema: type[RecordT], expected_peer_id: str | None
     if not isinstance(value, dict) or not isinstance(value.get("fields"), dict):
         raise RecordError("not a signed record: no 'fields' dict")
     fields, signature = value["fields"], value.get("signature")
-    if not isinstance(signature, str) or not _SIGNATURE.match(signature):
+    if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
         raise RecordError("the signature is not 64 bytes of lowercase hex")
     try:
         canonical = _canonical(fields)
@@ -161,7 +161,7 @@ def check_signed(value: Any, schema: type[RecordT], expected_peer_id: str | None
     if len(canonical) > MAX_RECORD_BYTES:
         raise RecordError(f"the record is {len(canonical)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
     peer_id, public_key = fields.get("peer_id"), fields.get("public_key")
-    if not isinstance(public_key, str) or not _HEX64.match(public_key):
+    if not isinstance(public_key, str) or not _HEX64.fullmatch(public_key):
         raise RecordError("public_key is not 32 bytes of lowercase hex")
     if not isinstance(peer_id, str) or peer_id != peer_id_of(bytes.fromhex(public_key)):
         raise RecordError("peer_id does not derive from public_key")
@@ -191,31 +191,31 @@ def parse_signed(value: Any, schema: type[RecordT], expected_peer_id: str | None
 
 def _wire_problem(record: SignedFields) -> str | None:
     """What is wrong with a signed, schema-valid record read from the DHT, or None."""
-    if not PEER_ID_PATTERN.match(record.peer_id):
+    if not PEER_ID_PATTERN.fullmatch(record.peer_id):
         return "peer_id is not a brigade peer id"
     if record.expires_at <= record.signed_at:
         return "the record expires before it was signed"
     if record.expires_at - record.signed_at > MAX_RECORD_TTL_S:
         return f"the record lives {record.expires_at - record.signed_at:.0f} s, over {MAX_RECORD_TTL_S:.0f} s"
-    if not _MODEL_NAME.match(getattr(record, "model_name", "")):  # both schemas name a model
+    if not _MODEL_NAME.fullmatch(getattr(record, "model_name", "")):  # both schemas name a model
         return "model_name is not a valid model name"
     if not isinstance(record, PeerRecord):
         return None
     if not (record.start_layer < record.end_layer <= record.num_layers):
         return "the layers are not a span [start, end) within num_layers"
-    if not (_TOKEN.match(record.dtype) and _TOKEN.match(record.quantization)):
+    if not (_TOKEN.fullmatch(record.dtype) and _TOKEN.fullmatch(record.quantization)):
         return "dtype or quantization is not a short token"
-    if not (_PRINTABLE.match(record.version) and _PRINTABLE.match(record.software_version)):
+    if not (_PRINTABLE.fullmatch(record.version) and _PRINTABLE.fullmatch(record.software_version)):
         return "version strings must be printable ASCII"
     if parse_address(record.address) is None:
         return "address is not host:port"
-    if record.tls_spki_sha256 and not _HEX64.match(record.tls_spki_sha256):
+    if record.tls_spki_sha256 and not _HEX64.fullmatch(record.tls_spki_sha256):
         return "tls_spki_sha256 is not 32 bytes of lowercase hex"
-    if not _PEM.match(record.tls_cert):
+    if not _PEM.fullmatch(record.tls_cert):
         return "tls_cert is not PEM text"
-    if record.relay_peer_id and not _RELAY_ID.match(record.relay_peer_id):
+    if record.relay_peer_id and not _RELAY_ID.fullmatch(record.relay_peer_id):
         return "relay_peer_id is not a peer id"
-    if not all(_RELAY_ID.match(peer) for peer in record.pings):
+    if not all(_RELAY_ID.fullmatch(peer) for peer in record.pings):
         return "pings must be keyed by peer ids"
     return None
 
@@ -238,7 +238,7 @@ def parse_address(address: str) -> tuple[str, int] | None:
     except ValueError:
         pass
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
         return None
     return host, port
 

@@ -32,7 +32,7 @@ class PeerFilter:
         so a typo in a config file shows at start-up instead of silently admitting nobody."""
         allowed = None if allow is None else frozenset(allow)
         blocked = frozenset(block)
-        bad = sorted(peer for peer in (allowed or set()) | blocked if not PEER_ID_PATTERN.match(peer))
+        bad = sorted(peer for peer in (allowed or set()) | blocked if not PEER_ID_PATTERN.fullmatch(peer))
         if bad:
             raise ValueError(f"not brigade peer ids: {bad[:5]} (ids look like 'bp' + base58, as peers print them)")
         return cls(allowed, blocked)
