@@ -81,13 +81,13 @@ def fake_pem(rng: random.Random, body_bytes: int = 800) -> str:
 
 def honest_peer_fields(
     identity: Identity, now: float, rng: random.Random | None = None, *, model: str = FUZZ_MODEL,
-    signed_at: float | None = None, ttl_s: float = HONEST_TTL_S,
+    signed_at: float | None = None, ttl_s: float = HONEST_TTL_S, address: str = "127.0.0.1:5000",
 ) -> dict[str, Any]:
     """A PeerRecord's fields as an honest peer signs them; with ``rng``, every optional field varies
     (addresses of all three forms, pings, certificate, relay, unknown fields of a newer version)."""
     signed_at = now if signed_at is None else signed_at
     record = PeerRecord(
-        peer_id=identity.peer_id, public_key=identity.public_key.hex(), address="127.0.0.1:5000",
+        peer_id=identity.peer_id, public_key=identity.public_key.hex(), address=address,
         model_name=model, start_layer=0, end_layer=4, num_layers=8, dtype="float32",
         signed_at=signed_at, expires_at=signed_at + ttl_s,
     )
