@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import base58
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -53,7 +53,9 @@ class Identity:
                 raise ValueError(f"{path} is over {MAX_KEY_FILE_BYTES} bytes: not a key file")
             try:
                 key = serialization.load_pem_private_key(pem, password=None)
-            except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # junk, encrypted, or an unknown kind of key
+            # Junk, an encrypted key, an unknown kind of key, or one OpenSSL cannot set up (an X448
+            # header on 32 bytes of key raises InternalError: found by tests/fuzz/atheris_decoders.py).
+            except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:
                 raise ValueError(f"{path} does not hold an unencrypted PEM private key: {e}") from e
             if not isinstance(key, Ed25519PrivateKey):
                 raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")

@@ -190,7 +190,7 @@ def test_identity_from_a_file_of_junk(content: bytes) -> None:
             assert str(path) in str(e)
 
 
-def test_identity_from_an_encrypted_or_huge_key_file(tmp_path: Path) -> None:
+def test_identity_from_an_encrypted_broken_or_huge_key_file(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -200,6 +200,13 @@ def test_identity_from_an_encrypted_or_huge_key_file(tmp_path: Path) -> None:
     ))
     with pytest.raises(ValueError, match="unencrypted PEM"):
         Identity.load_or_create(encrypted)
+    # An Ed25519 key file whose algorithm id was mutated to X448: OpenSSL fails inside (atheris found it).
+    x448_header = tmp_path / "x448.key"
+    x448_header.write_text("-----BEGIN PRIVATE KEY-----\n"
+                           "MC4CAQAwBQYDK2VvBCIEIJBD86Uk8bJ/hwAeqYOIml5cCgRIBIxT2s4LE1oA8iX6\n"
+                           "-----END PRIVATE KEY-----\n")
+    with pytest.raises(ValueError, match="unencrypted PEM"):
+        Identity.load_or_create(x448_header)
     huge = tmp_path / "huge.key"
     huge.write_bytes(b"-" * (1 << 20))
     with pytest.raises(ValueError, match="not a key file"):
