@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 MAX_VALUE_BYTES = MAX_RECORD_BYTES + 1024  # msgpack of the fields plus the 128-char signature and framing
 MAX_SUBKEY_BYTES = 64  # msgpack of a peer id is ~25 bytes
 MAX_CLOCK_SKEW_S = 30.0  # s a storing node tolerates between the signer's clock and its own
-MEMO_SIZE = 4096  # records whose time-independent checks passed, remembered to skip the signature check
+MEMO_SIZE = 2048  # records whose time-independent checks passed (~1.5 KB each, 5 KB at most), remembered to
+# skip their signature check: one entry per live peer and key covers swarms of about a thousand peers
 _ENVELOPE_KEYS = frozenset({"fields", "signature"})
 
 
@@ -76,13 +77,12 @@ class RecordValidator(RecordValidatorBase):
         *,
         peer_filter: PeerFilter | None = None,
         check_clock: bool = True,
-        max_ttl_s: float = MAX_RECORD_TTL_S,
         max_clock_skew_s: float = MAX_CLOCK_SKEW_S,
     ):
         """``check_clock=False`` for client-mode nodes (they store nothing for others; see above)."""
         self.peer_filter = peer_filter if peer_filter is not None and not peer_filter.is_open else None
         self.check_clock = check_clock
-        self.max_ahead_s = max_ttl_s + max_clock_skew_s  # how far past now a record may expire
+        self.max_ahead_s = MAX_RECORD_TTL_S + max_clock_skew_s  # how far past now a record may expire
         self._index_key = key_id(MODELS_INDEX_KEY)
         self._memo: OrderedDict[bytes, SignedFields] = OrderedDict()  # digest of key+subkey+value -> record
 
