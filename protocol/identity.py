@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 
 import base58
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 PEER_ID_PREFIX = "bp"
+MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM Ed25519 key is 119 bytes; never read a huge file whole
 
 
 def peer_id_of(public_key: bytes) -> str:
@@ -39,10 +40,23 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
-        """Reads the key at ``path``; creates it (mode 0600) on first run so restarts keep the id."""
+        """Reads the key at ``path``; creates it (mode 0600) on first run so restarts keep the id.
+
+        Raises ValueError, naming the file, when it holds anything but an unencrypted PEM Ed25519
+        key (OSError when it cannot be read at all).
+        """
         path = Path(path)
         if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            with open(path, "rb") as file:
+                pem = file.read(MAX_KEY_FILE_BYTES + 1)
+            if len(pem) > MAX_KEY_FILE_BYTES:
+                raise ValueError(f"{path} is over {MAX_KEY_FILE_BYTES} bytes: not a key file")
+            try:
+                key = serialization.load_pem_private_key(pem, password=None)
+            # Junk, an encrypted key, an unknown kind of key, or one OpenSSL cannot set up (an X448
+            # header on 32 bytes of key raises InternalError: found by tests/fuzz/atheris_decoders.py).
+            except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:
+                raise ValueError(f"{path} does not hold an unencrypted PEM private key: {e}") from e
             if not isinstance(key, Ed25519PrivateKey):
                 raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
             return cls(key)

@@ -17,12 +17,22 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from brigade.protocol.identity import Identity
-from brigade.protocol.records import MODELS_INDEX_KEY, IndexEntry, PeerRecord, PeerState, model_key, sign
+from brigade.protocol.records import (
+    MAX_RECORD_TTL_S,
+    MODELS_INDEX_KEY,
+    IndexEntry,
+    PeerRecord,
+    PeerState,
+    model_key,
+    sign,
+)
 
 logger = logging.getLogger(__name__)
 
 _JITTER = 0.1  # each sleep is period_s * (1 ± this), so peers started together do not store in lockstep
 _MIN_EXPIRATION_STEP = 1e-3  # s; the DHT keeps a subkey's value only if it expires later than the one held
+_SIGNING_SLACK_S = 5.0  # s between make_record's signed_at and the expiry set here, at most
+MAX_TTL_S = MAX_RECORD_TTL_S - _SIGNING_SLACK_S  # longest ttl_s whose records every DHT node accepts
 
 
 class Announcer:
@@ -43,6 +53,8 @@ class Announcer:
         still pending at the next period is abandoned rather than piled up. No I/O here."""
         if not 0 < period_s < ttl_s:
             raise ValueError(f"need 0 < period_s < ttl_s, got period_s={period_s}, ttl_s={ttl_s}")
+        if ttl_s > MAX_TTL_S:  # DHT nodes would refuse every store (see routing/validator.py)
+            raise ValueError(f"ttl_s={ttl_s} is over {MAX_TTL_S:.0f} s, the longest record life DHT nodes accept")
         self._dht = dht
         self._identity = identity
         self._make_record = make_record

@@ -5,6 +5,10 @@ starting one blocks for a fraction of a second to a few seconds. ``start_dht`` b
 and turns every way start-up can fail (unreachable or malformed initial peers, a daemon that
 never comes up) into one ``RuntimeError`` that says what to check, instead of hivemind's mix of
 daemon errors and, without a timeout, an unbounded wait.
+
+Every node runs brigade's ``RecordValidator`` (``routing/validator.py``): a node refuses to store,
+and drops from what others return, anything that is not an owner-signed brigade record. Client-mode
+nodes skip its clock check (see the validator's docstring for why).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hivemind
+
+from brigade.routing.peer_filter import PeerFilter
+from brigade.routing.validator import RecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +34,7 @@ def start_dht(
     client_mode: bool = False,
     identity_path: str | None = None,
     startup_timeout_s: float = 30.0,
+    peer_filter: PeerFilter | None = None,
 ) -> hivemind.DHT:
     """Starts a DHT node (in a child process) and returns it once it serves requests.
 
@@ -35,7 +43,9 @@ def start_dht(
     behind NAT and the dashboard use it. ``identity_path`` is hivemind's libp2p key file (not
     brigade's Ed25519 identity): it keeps the DHT peer id, hence the multiaddr that others
     bootstrap from, the same across restarts; hivemind creates the file when it is missing, and
-    we create its folder. The caller owns the result and must call ``dht.shutdown()``.
+    we create its folder. ``peer_filter`` makes the node store and read only the records of the
+    peers it admits (a private swarm: give every node of it the same filter). The caller owns the
+    result and must call ``dht.shutdown()``.
 
     Blocks the calling thread; from async code run it with ``asyncio.to_thread``.
     Raises RuntimeError when the node does not come up within ``startup_timeout_s``.
@@ -48,6 +58,7 @@ def start_dht(
         client_mode=client_mode,
         identity_path=identity_path,
         startup_timeout=startup_timeout_s,  # bounds the p2pd daemon's own start inside the child
+        record_validators=[RecordValidator(peer_filter=peer_filter, check_clock=not client_mode)],
         start=False,
     )
     try:

@@ -71,8 +71,8 @@ def record_factory(
     return make_record
 
 
-def store_raw(dht: hivemind.DHT, model_name: str, subkey: str, value: object, ttl_s: float = 30.0) -> None:
-    assert dht.store(model_key(model_name), value, get_dht_time() + ttl_s, subkey=subkey)
+def store_raw(dht: hivemind.DHT, model_name: str, subkey: str, value: object, ttl_s: float = 30.0) -> bool:
+    return dht.store(model_key(model_name), value, get_dht_time() + ttl_s, subkey=subkey)
 
 
 def test_announce_then_fetch_then_leaving(swarm: Swarm) -> None:
@@ -99,30 +99,31 @@ def test_announce_then_fetch_then_leaving(swarm: Swarm) -> None:
     asyncio.run(scenario())
 
 
-def test_forged_tampered_and_junk_records_are_dropped(swarm: Swarm) -> None:
+def test_forged_tampered_and_junk_records_are_refused(swarm: Swarm) -> None:
+    """Every node's validator refuses these stores (tests/routing/test_validator_dht.py has more)."""
     model = "test/forged"
     honest, attacker, victim, tampering = (Identity.generate() for _ in range(4))
     announcer = Announcer(swarm.peer, honest, record_factory(honest, model))
     assert asyncio.run(announcer.announce_once())
 
     # the attacker's own valid record, stored under another peer's id
-    store_raw(
+    assert not store_raw(
         swarm.peer, model, victim.peer_id, sign_record(record_factory(attacker, model)("online"), attacker)
     )
     # a record naming the honest peer (its id and key) but signed with the attacker's key
     claimed = record_factory(honest, model)("online")
     forged = {"fields": claimed.model_dump(), "signature": attacker.sign(b"anything").hex()}
-    store_raw(swarm.peer, model, victim.peer_id + "x", forged)
+    assert not store_raw(swarm.peer, model, victim.peer_id + "x", forged)
     # a validly signed record whose span was changed afterwards
     tampered = sign_record(record_factory(tampering, model)("online"), tampering)
     tampered["fields"]["end_layer"] = 16
-    store_raw(swarm.peer, model, tampering.peer_id, tampered)
+    assert not store_raw(swarm.peer, model, tampering.peer_id, tampered)
     # a valid record of another model stored under this model's key, and plain junk
     other = Identity.generate()
-    store_raw(
+    assert not store_raw(
         swarm.peer, model, other.peer_id, sign_record(record_factory(other, "test/other")("online"), other)
     )
-    store_raw(swarm.peer, model, "junk", "not a record")
+    assert not store_raw(swarm.peer, model, "junk", "not a record")
 
     records = asyncio.run(fetch_records(swarm.client, model))
     assert [record.peer_id for record in records] == [honest.peer_id]
