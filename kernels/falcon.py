@@ -110,7 +110,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: FalconArgs):
+    def __init__(self, args: FalconArgs, index: int):
         super().__init__()
         size, eps = args.hidden_size, args.layer_norm_eps
         self.parallel, self.two_norms = args.parallel_attn, args.two_norms
@@ -137,7 +137,5 @@ class DecoderLayer(nn.Module):
 
 class FalconSpan(Span):
     args_class = FalconArgs
+    layer_class = DecoderLayer
     args: FalconArgs
-
-    def make_layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.args)

@@ -55,12 +55,16 @@ _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in fa
 
 def family_for(config: Any) -> Family:
     """The family of a transformers config, or a clear error naming the supported model types."""
-    model_type = getattr(config, "model_type", None)
-    family = _BY_MODEL_TYPE.get(model_type or "")
+    model_type = getattr(config, "model_type", None) or ""
+    hint = ""
+    if getattr(config, "text_config", None) is not None:
+        hint = f" (a multimodal config; its text model is {getattr(config.text_config, 'model_type', '?')!r})"
+    return family_for_model_type(model_type, hint)
+
+
+def family_for_model_type(model_type: str, hint: str = "") -> Family:
+    family = _BY_MODEL_TYPE.get(model_type)
     if family is None:
-        hint = ""
-        if getattr(config, "text_config", None) is not None:
-            hint = f" (a multimodal config; its text model is {getattr(config.text_config, 'model_type', '?')!r})"
         raise UnsupportedModelError(
             f"model type {model_type!r}{hint} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )

@@ -47,7 +47,7 @@ class GemmaArgs(ModelArgs):
     def from_config(cls, config: Any) -> GemmaArgs:
         model_type = getattr(config, "model_type", "")
         if model_type not in MODEL_TYPES:
-            raise UnsupportedModelError(f"model type {model_type!r} is not Gemma 2 or 3 text ({', '.join(MODEL_TYPES)})")
+            raise UnsupportedModelError(f"model type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
         if activation != "gelu_pytorch_tanh":
             raise UnsupportedModelError(f"activation {activation!r} is not supported; expected gelu_pytorch_tanh")
@@ -145,10 +145,8 @@ class DecoderLayer(nn.Module):
 
 class GemmaSpan(Span):
     args_class = GemmaArgs
+    layer_class = DecoderLayer
     args: GemmaArgs
-
-    def make_layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.args, index)
 
     def make_rotaries(self) -> nn.ModuleDict:
         if not self.args.rope_per_layer_type:

@@ -119,7 +119,5 @@ class LlamaSpan(Span):
     """Decoder layers ``[start, end)`` of a Llama-family model."""
 
     args_class = LlamaArgs
+    layer_class = DecoderLayer
     args: LlamaArgs
-
-    def make_layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.args, index)

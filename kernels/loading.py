@@ -13,9 +13,9 @@ import torch
 from transformers import AutoConfig
 
 from brigade.kernels.checkpoint import Checkpoint, resolve, resolve_config_folder
-from brigade.kernels.families import family_for
+from brigade.kernels.families import SUPPORTED_MODEL_TYPES, family_for, model_args
 from brigade.kernels.head import ClientHead
-from brigade.kernels.span import Span
+from brigade.kernels.span import ModelArgs, Span, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,22 @@ STALE_SUFFIXES = ("rotary_emb.inv_freq",)  # computed buffers that old checkpoin
 
 
 def load_config(model: str, revision: str | None = None) -> Any:
-    return AutoConfig.from_pretrained(resolve_config_folder(model, revision))
+    folder = resolve_config_folder(model, revision)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except ValueError as e:
+        if "model type" not in str(e):
+            raise
+        # transformers itself does not know the model type: still say what brigade serves.
+        raise UnsupportedModelError(f"{e}; brigade supports: {', '.join(SUPPORTED_MODEL_TYPES)}") from e
+
+
+def check_supported(model: str, revision: str | None = None) -> ModelArgs:
+    """The model's args, or ``UnsupportedModelError`` naming its type and the supported ones.
+
+    Reads only the config, so a peer can refuse a model before it starts anything.
+    """
+    return model_args(load_config(model, revision))
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> None:

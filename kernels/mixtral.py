@@ -91,7 +91,5 @@ class DecoderLayer(nn.Module):
 
 class MixtralSpan(Span):
     args_class = MixtralArgs
+    layer_class = DecoderLayer
     args: MixtralArgs
-
-    def make_layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.args, index)

@@ -82,7 +82,5 @@ class DecoderLayer(nn.Module):
 
 class Phi3Span(Span):
     args_class = Phi3Args
+    layer_class = DecoderLayer
     args: Phi3Args
-
-    def make_layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.args, index)

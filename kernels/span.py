@@ -65,6 +65,10 @@ class ModelArgs:
     def common(config: Any) -> dict[str, Any]:
         """The common fields as read from a transformers config (families override what differs)."""
         num_heads = config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        per_layer_type = bool(rope) and all(isinstance(value, dict) for value in rope.values())  # Gemma 3
+        for parameters in rope.values() if per_layer_type else [rope]:
+            check_rope(parameters)
         return dict(
             model_type=config.model_type,
             num_layers=config.num_hidden_layers,
@@ -198,6 +202,7 @@ class Span(nn.Module):
     """
 
     args_class: ClassVar[type[ModelArgs]]
+    layer_class: ClassVar[Callable[[Any, int], nn.Module]]  # (args, global index) -> decoder layer
 
     def __init__(self, config: Any, start: int, end: int):
         super().__init__()
@@ -210,7 +215,7 @@ class Span(nn.Module):
         self.rotaries = self.make_rotaries()
 
     def make_layer(self, index: int) -> nn.Module:
-        raise NotImplementedError
+        return self.layer_class(self.args, index)
 
     def make_rotaries(self) -> nn.ModuleDict:
         """Rotary embeddings by kind; computed, never stored, so loading rebuilds them off the meta device."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from brigade.kernels.cache import KVCache
-from brigade.kernels.llama import LlamaArgs
+from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
 from brigade.peer.kv_cache import CachePool
 from brigade.protocol import brigade_pb2 as pb
@@ -48,7 +48,7 @@ class Session:
 class SessionManager:
     """Opens, grows and closes sessions against one cache pool."""
 
-    def __init__(self, config: PeerConfig, args: LlamaArgs, dtype: torch.dtype, device: str):
+    def __init__(self, config: PeerConfig, args: ModelArgs, dtype: torch.dtype, device: str):
         self.config = config
         self.args = args
         self.dtype = dtype
@@ -62,7 +62,7 @@ class SessionManager:
         """Admits a session, waiting up to the client's open_timeout_s for cache pages to free up."""
         self._check_open(request)
         capacity = min(request.max_length, self.pool.page_tokens)
-        pages = self.pool.pages_for(capacity) * request.batch_size
+        pages = self._pages(capacity, request.start_layer, request.end_layer) * request.batch_size
         wait_s = min(max(request.open_timeout_s, 0.0), self.config.max_admission_wait_s)
         deadline = time.monotonic() + wait_s
         while not self.pool.try_reserve(pages):
@@ -80,10 +80,8 @@ class SessionManager:
                 pass
             self._check_open(request)  # the peer may have started draining meanwhile
         try:
-            cache = KVCache.allocate(
-                request.start_layer, request.end_layer, request.batch_size, self.args.num_kv_heads,
-                self.args.head_dim, capacity, self.dtype, self.device,
-            )
+            cache = self.args.new_cache(request.start_layer, request.end_layer, request.batch_size, capacity,
+                                        self.dtype, self.device)
         except BaseException:
             self._release(pages)
             raise
@@ -144,7 +142,7 @@ class SessionManager:
         wanted = min(session.max_length, max(needed, 2 * capacity))
         for target in (wanted, needed):
             target = -(-target // page) * page if target < session.max_length else session.max_length
-            extra = self.pool.pages_for(target) * session.batch_size - session.reserved_pages
+            extra = self._pages(target, session.start, session.end) * session.batch_size - session.reserved_pages
             if self.pool.try_reserve(extra):
                 session.reserved_pages += extra
                 return target
@@ -152,6 +150,10 @@ class SessionManager:
             f"KV cache is full: the session needs {(needed - capacity) * session.batch_size} more positions, "
             f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
         )
+
+    def _pages(self, capacity: int, start: int, end: int) -> int:
+        """Pool pages per sequence for a cache that may reach ``capacity`` (a sliding window bounds it)."""
+        return self.pool.pages_for(self.args.cache_positions(capacity, start, end))
 
     def _release(self, pages: int) -> None:
         self.pool.release(pages)

@@ -58,7 +58,8 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
     # Soft-caps low enough to bend this tiny model's scores and logits (Gemma 2 ships 50 and 30).
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**GEMMA, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 5.0}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM,
+               {**GEMMA, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 5.0}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {**GEMMA, "layer_types": GEMMA3_LAYERS}),
     "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "phi3": (Phi3Config, Phi3ForCausalLM, {
