@@ -111,8 +111,8 @@ class KVCache:
 
         Returns what the new positions attend over: keys, values, and the slot each key column
         holds, or None when the keys are simply slots ``[0, offset + T)`` in order. A windowed
-        layer past its ring returns the ring in place (slot ``-1`` marks columns never written),
-        or, for a step longer than its slack, the ring's old slots followed by the new ones.
+        layer past its ring returns the ring in place (every column written by then), or, for a
+        step longer than its slack, the ring's written columns followed by the new positions.
         """
         index = global_index - self.start
         keys, values = self.keys[index], self.values[index]
@@ -130,11 +130,15 @@ class KVCache:
             keys[:, :, ring] = k
             values[:, :, ring] = v
             return keys, values, ring_slots(size, end, keys.device)
-        held = ring_slots(size, offset, keys.device)
-        all_keys, all_values = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)
-        kept = torch.arange(end - size, end, device=keys.device)
-        keys[:, :, kept % size] = k[:, :, -size:]
-        values[:, :, kept % size] = v[:, :, -size:]
+        # Only columns already written take part: unwritten ones hold garbage (maybe NaN, and 0 * NaN is NaN).
+        filled = min(offset, size)
+        held = ring_slots(size, offset, keys.device)[:filled]
+        all_keys = torch.cat((keys[:, :, :filled], k), dim=2)
+        all_values = torch.cat((values[:, :, :filled], v), dim=2)
+        keep = min(length, size)  # the newest slots go into the ring, the rest of it stays as it was
+        ring = torch.arange(end - keep, end, device=keys.device) % size
+        keys[:, :, ring] = k[:, :, -keep:]
+        values[:, :, ring] = v[:, :, -keep:]
         return all_keys, all_values, torch.cat((held, torch.arange(offset, end, device=keys.device)))
 
     def grow(self, capacity: int) -> None:
