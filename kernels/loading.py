@@ -84,8 +84,7 @@ def load_span(
     names = checkpoint.names(keep)
     state = {family.span_key(name, start): tensor for name, tensor in checkpoint.read(names).items()}
     _assign(span, state, dtype, device)
-    # The rotary frequencies are computed, not stored: rebuild them off the meta device.
-    span.rotaries = span.make_rotaries().to(device)
+    span.rotaries.to(device)  # computed on the CPU at construction, never read from the checkpoint
     logger.info("loaded layers %d:%d of %s (%s, %d tensors, %s)", start, end, model, family.name, len(names), dtype)
     return span.eval()
 

@@ -161,7 +161,9 @@ class Rotary(nn.Module):
         if rope_type == "default":
             theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
             dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            # On the CPU explicitly, even inside a meta-device context: a span built on the meta
+            # device would otherwise pay seconds for torch's meta kernels, for a few numbers.
+            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
             scaling = 1.0
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -218,7 +220,7 @@ class Span(nn.Module):
         return self.layer_class(self.args, index)
 
     def make_rotaries(self) -> nn.ModuleDict:
-        """Rotary embeddings by kind; computed, never stored, so loading rebuilds them off the meta device."""
+        """Rotary embeddings by kind: computed on the CPU (never stored in checkpoints), moved by ``load_span``."""
         return nn.ModuleDict({"default": Rotary(self.config, self.args.head_dim)})
 
     def rotary_kind(self, index: int) -> str:
