@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from brigade.kernels import falcon, gemma, llama, mixtral, phi3
@@ -25,7 +26,7 @@ class Family:
     span_class: type[Span]
     layer_prefix: str = "model.layers"  # checkpoint names of layer i start with "{layer_prefix}.{i}."
 
-    @property
+    @cached_property
     def layer_pattern(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.layer_prefix)}\.(\d+)\.")
 
