@@ -2,11 +2,13 @@
 
     python benchmarks/memory.py
 
-Part one is arithmetic over the published Llama-3-8B and Llama-3-70B shapes (kernels/memory.py,
-no download): bytes per decoder layer and KV bytes per position at fp32, bf16, int8 and nf4, and
-the span a peer with 8, 24 or 80 GiB would host with a quarter of its budget kept for the cache.
-Part two checks that arithmetic against a small Llama checkpoint built here (random weights,
-fixed seed) and loaded with the real loader (and quantizer), so a
+Part one is arithmetic over the published Llama-3-8B, Llama-3-70B and Mixtral-8x7B shapes
+(kernels/memory.py, no download): bytes per decoder layer and KV bytes per position at fp32, bf16,
+int8 and nf4, and the span a peer with 8, 24 or 80 GiB would host with a quarter of its budget
+kept for the cache. A Mixtral layer holds all 8 of its experts (a peer serves whole layers), so a
+layer weighs ~6.7x a Llama-3-8B one while its KV cache per position is the same.
+Part two checks that arithmetic against a small Llama and a small Mixtral checkpoint built here
+(random weights, fixed seed) and loaded with the real loader (and quantizer), so a
 mismatch between the planner and what peers really allocate shows up as a relative difference.
 """
 
@@ -21,16 +23,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.utils import logging as transformers_logging
 
 from brigade.kernels.cache import KVCache
-from brigade.kernels.llama import LlamaArgs
+from brigade.kernels.families import model_args
 from brigade.kernels.loading import load_span
 from brigade.kernels.memory import (
     GIB,
     LLAMA3_8B,
     LLAMA3_70B,
+    MIXTRAL_8X7B,
     format_bytes,
     kv_bytes_per_token,
     layer_bytes,
@@ -77,10 +80,11 @@ def _positions(count: int) -> str:
 
 
 def print_planned(name: str, config: Any) -> None:
-    args = LlamaArgs.from_config(config)
+    args = model_args(config)
+    experts = f", {args.num_experts} experts per layer" if hasattr(args, "num_experts") else ""
     print(
         f"\n{name}: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_heads} heads, "
-        f"{args.num_kv_heads} KV heads x {args.head_dim}"
+        f"{args.num_kv_heads} KV heads x {args.head_dim}{experts}"
     )
     budgets = "".join(f"{f'{gib} GiB':>18}" for gib in BUDGETS_GIB)
     print(f"  {'setting':<8}{'bytes/layer':>16}{'KV bytes/pos/layer':>20}{budgets}")
@@ -102,19 +106,18 @@ def print_planned(name: str, config: Any) -> None:
 
 def _load(folder: Path, setting: Setting, device: str) -> nn.Module:
     span = load_span(str(folder), 0, SMALL_SHAPE["num_hidden_layers"], dtype=setting.dtype, device=device)
-    return quantize_span(span, setting.quantization, device=device)
+    return quantize_span(span, setting.quantization, device=device)  # a MoE's experts too, never its router
 
 
 def _relative(computed: float, measured: float) -> str:
     return f"{(computed - measured) / measured:+.1%}"
 
 
-def print_measured(folder: Path) -> None:
-    config = LlamaConfig(**SMALL_SHAPE)
-    args = LlamaArgs.from_config(config)
+def print_measured(name: str, folder: Path, config: Any, cuda: bool) -> None:
+    args = model_args(config)
     layers = args.num_layers
     print(
-        f"\nChecked against the measured small case: hidden {args.hidden_size}, {layers} layers, "
+        f"\nChecked against the measured small {name}: hidden {args.hidden_size}, {layers} layers, "
         f"{args.num_heads} heads, {args.num_kv_heads} KV heads, loaded with kernels/loading.load_span on CPU"
     )
     print(
@@ -135,10 +138,11 @@ def print_measured(folder: Path) -> None:
     print("  B/layer: one layer's weights; KV B/pos: one position over all the span's layers, from KVCache.allocate.")
     print("  measured: parameters + buffers + int8 row scales + nf4 absmax (nested absmax included) per layer;")
     print("  nf4 is computed with fp32 absmax per 64 weights, an upper bound when bitsandbytes double-quantizes it.")
-    print_cuda(folder, args)
+    if cuda:
+        print_cuda(folder, args)
 
 
-def print_cuda(folder: Path, args: LlamaArgs) -> None:
+def print_cuda(folder: Path, args: Any) -> None:
     if not torch.cuda.is_available():
         print("\nCUDA figures skipped: no GPU is present (torch.cuda.is_available() is False).")
         return
@@ -160,9 +164,9 @@ def print_cuda(folder: Path, args: LlamaArgs) -> None:
         del span
 
 
-def build_small_checkpoint(folder: Path) -> Path:
+def build_small_checkpoint(folder: Path, config: Any, model_class: type) -> Path:
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SMALL_SHAPE)).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     return folder
 
 
@@ -175,8 +179,15 @@ def main() -> int:
     print("fp32 caches in fp32, bf16/int8/nf4 cache in bf16. Cells: layers hosted / KV positions the rest holds.")
     print_planned("Llama-3-8B", LLAMA3_8B())
     print_planned("Llama-3-70B", LLAMA3_70B())
+    print_planned("Mixtral-8x7B", MIXTRAL_8X7B())
+    small = [
+        ("Llama", LlamaConfig(**SMALL_SHAPE), LlamaForCausalLM),
+        ("Mixtral (4 experts, top 2)", MixtralConfig(**SMALL_SHAPE, num_local_experts=4), MixtralForCausalLM),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        print_measured(build_small_checkpoint(Path(tmp) / "small-llama"))
+        for index, (name, config, model_class) in enumerate(small):
+            folder = build_small_checkpoint(Path(tmp) / f"small-{index}", config, model_class)
+            print_measured(name, folder, config, cuda=index == 0)
     return 0
 
 

@@ -53,7 +53,7 @@ class SegmentBatch:
         positions = [positions_for(seg.pad_lengths, offset, seg.hidden.shape[1]).reshape(-1)
                      for seg, offset in zip(segments, self.offsets, strict=True)]
         self.positions = positions[0] if len(positions) == 1 else torch.cat(positions)  # [N]
-        self._masks: dict[int | None, list[torch.Tensor | None]] = {}
+        self._masks: dict[tuple[int, int | None, int | None], torch.Tensor | None] = {}
 
     def flatten(self) -> torch.Tensor:
         """Every segment's hidden states as one ``[N, H]`` matrix (a view when there is one segment)."""
@@ -65,15 +65,15 @@ class SegmentBatch:
         return [flat[start : start + batch * length].view(batch, length, -1)
                 for start, (batch, length) in zip(self.row_starts, self.shapes, strict=True)]
 
-    def _mask(self, index: int, window: int | None) -> torch.Tensor | None:
-        masks = self._masks.get(window)
-        if masks is None:
-            masks = [
-                attention_mask(seg.pad_lengths, offset, seg.hidden.shape[1], window=window)
-                for seg, offset in zip(self.segments, self.offsets, strict=True)
-            ]
-            self._masks[window] = masks
-        return masks[index]
+    def _mask(self, index: int, window: int | None, key_slots: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask of segment ``index``, built once per pass for every layer that shares its shape."""
+        # Within a pass, a windowed layer's ring layout follows from its window and column count alone.
+        key = (index, window, None if key_slots is None else key_slots.shape[0])
+        if key not in self._masks:
+            seg = self.segments[index]
+            self._masks[key] = attention_mask(seg.pad_lengths, self.offsets[index], seg.hidden.shape[1],
+                                              window=window, key_slots=key_slots)
+        return self._masks[key]
 
     def attend(
         self,
@@ -89,7 +89,8 @@ class SegmentBatch:
         """Attention of every segment against its own cache of global layer ``layer``.
 
         q: [N, heads, D], k and v: [N, kv_heads, D] with rotary already applied. Writes each
-        segment's k and v into its cache at its offset, then attends over the cache's filled part.
+        segment's k and v into its cache at its offset, then attends over what the cache holds
+        (every earlier slot, or a windowed layer's ring; see ``KVCache.update``).
         ``window``: keys further back than this many positions are hidden (sliding window).
         ``softcap``: scores pass through ``softcap * tanh(s / softcap)`` (Gemma 2). Returns
         [N, heads * D].
@@ -102,12 +103,10 @@ class SegmentBatch:
             q_s = q[rows].view(batch, length, heads, head_dim).transpose(1, 2)  # [B, heads, T, D]
             k_s = k[rows].view(batch, length, kv_heads, head_dim).transpose(1, 2)  # [B, kv, T, D]
             v_s = v[rows].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+            key_slots = None
             if seg.cache is not None:
-                keys, values = seg.cache.layer(layer)  # [B, kv, capacity, D]
-                keys[:, :, offset : offset + length] = k_s
-                values[:, :, offset : offset + length] = v_s
-                k_s, v_s = keys[:, :, : offset + length], values[:, :, : offset + length]
-            mask = self._mask(index, window)
+                k_s, v_s, key_slots = seg.cache.update(layer, offset, k_s, v_s)  # [B, kv, S, D]
+            mask = self._mask(index, window, key_slots)
             if softcap is None:
                 out = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, scale=scale,
                                                      enable_gqa=kv_heads != heads)  # [B, heads, T, D]

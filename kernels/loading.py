@@ -13,8 +13,9 @@ import torch
 from transformers import AutoConfig
 
 from brigade.kernels.checkpoint import Checkpoint, resolve, resolve_config_folder
+from brigade.kernels.families import SUPPORTED_MODEL_TYPES, family_for, model_args
 from brigade.kernels.head import ClientHead
-from brigade.kernels.llama import LlamaSpan
+from brigade.kernels.span import ModelArgs, Span, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -23,28 +24,26 @@ COMPUTE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+STALE_SUFFIXES = ("rotary_emb.inv_freq",)  # computed buffers that old checkpoints saved; never loaded
 
 
 def load_config(model: str, revision: str | None = None) -> Any:
-    return AutoConfig.from_pretrained(resolve_config_folder(model, revision))
+    folder = resolve_config_folder(model, revision)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except ValueError as e:
+        if "model type" not in str(e):
+            raise
+        # transformers itself does not know the model type: still say what brigade serves.
+        raise UnsupportedModelError(f"{e}; brigade supports: {', '.join(SUPPORTED_MODEL_TYPES)}") from e
 
 
-def _span_keep(start: int, end: int):
-    from brigade.kernels.checkpoint import layer_of
+def check_supported(model: str, revision: str | None = None) -> ModelArgs:
+    """The model's args, or ``UnsupportedModelError`` naming its type and the supported ones.
 
-    def keep(name: str) -> bool:
-        layer = layer_of(name)
-        return layer is not None and start <= layer < end
-
-    return keep
-
-
-def _span_key(checkpoint_name: str, start: int) -> str:
-    """``model.layers.5.mlp.up_proj.weight`` -> ``layers.1.mlp.up_proj.weight`` for a span at 4."""
-    parts = checkpoint_name.split(".")
-    offset = 1 if parts[0] == "model" else 0
-    parts[offset + 1] = str(int(parts[offset + 1]) - start)
-    return ".".join(parts[offset:])
+    Reads only the config, so a peer can refuse a model before it starts anything.
+    """
+    return model_args(load_config(model, revision))
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> None:
@@ -66,23 +65,28 @@ def load_span(
     device: str = "cpu",
     revision: str | None = None,
     config: Any | None = None,
-) -> LlamaSpan:
-    """The span of layers [start, end) of ``model`` (a local folder or a Hub repo id)."""
+) -> Span:
+    """The span of layers [start, end) of ``model`` (a local folder or a Hub repo id).
+
+    Only the span's own tensors are fetched and read; for a mixture-of-experts model that means
+    only the experts of the span's layers.
+    """
     config = config or load_config(model, revision)
+    family = family_for(config)
     with torch.device("meta"):
-        span = LlamaSpan(config, start, end)
-    keep = _span_keep(start, end)
+        span = family.span_class(config, start, end)
+
+    def keep(name: str) -> bool:
+        layer = family.layer_of(name)
+        return layer is not None and start <= layer < end and not name.endswith(STALE_SUFFIXES)
+
     checkpoint: Checkpoint = resolve(model, keep, revision)
     names = checkpoint.names(keep)
-    state = {_span_key(name, start): tensor for name, tensor in checkpoint.read(names).items()}
+    state = {family.span_key(name, start): tensor for name, tensor in checkpoint.read(names).items()}
     _assign(span, state, dtype, device)
-    # The rotary frequencies are computed, not stored: rebuild them off the meta device.
-    span.rotary = type(span.rotary)(config, span.args.head_dim).to(device)
-    logger.info("loaded layers %d:%d of %s (%d tensors, %s)", start, end, model, len(names), dtype)
+    span.rotaries.to(device)  # computed on the CPU at construction, never read from the checkpoint
+    logger.info("loaded layers %d:%d of %s (%s, %d tensors, %s)", start, end, model, family.name, len(names), dtype)
     return span.eval()
-
-
-HEAD_TENSORS = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
 
 
 def load_head(
@@ -97,16 +101,16 @@ def load_head(
     config = config or load_config(model, revision)
     with torch.device("meta"):
         head = ClientHead(config)
-    wanted = {**HEAD_TENSORS}
-    if not head.args.tie_word_embeddings:
-        wanted["lm_head.weight"] = "lm_head.weight"
+    wanted = head.checkpoint_names()
     checkpoint = resolve(model, wanted.__contains__, revision)
-    if "lm_head.weight" not in wanted and "lm_head.weight" in checkpoint.weight_map:
-        wanted["lm_head.weight"] = "lm_head.weight"  # some tied checkpoints still store a copy
+    # Tied (or stored without an LM head): the embeddings serve as the LM head, one tensor for both.
+    tied = head.args.tie_word_embeddings or head.spec.lm_head not in checkpoint.weight_map
+    if tied:
+        wanted.pop(head.spec.lm_head)
     state = {wanted[name]: tensor for name, tensor in checkpoint.read(wanted).items()}
-    if "lm_head.weight" not in state:
+    if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     _assign(head, state, dtype, device)
-    if head.args.tie_word_embeddings:
-        head.lm_head.weight = head.embed_tokens.weight  # one tensor, not two copies
+    if tied:
+        head.lm_head.weight = head.embed_tokens.weight
     return head.eval()

@@ -1,20 +1,25 @@
-"""How much memory a span of Llama-family layers and its KV cache take, computed from the config alone.
+"""How much memory a span of layers and its KV cache take, computed from the config alone.
 
 A peer decides how many layers to host before it loads any: it has a memory budget, a dtype and
 a quantization, and it must leave room for the KV cache of the sessions it will serve. Everything
-here is arithmetic over ``LlamaArgs``, so it is cheap enough to run for every candidate span and
-gives the same answer on a machine without the checkpoint or a GPU.
+here is arithmetic over a family's args (the shapes of one decoder layer come from building it on
+the meta device, which allocates nothing), so it is cheap enough to run for every candidate span
+and gives the same answer on a machine without the checkpoint or a GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from brigade.kernels.llama import LlamaArgs
+import torch
+from torch import nn
+
+from brigade.kernels.span import ModelArgs
 
 QUANTIZATIONS = ("none", "int8", "nf4")
 NF4_BLOCKSIZE = 64  # weights per absmax block, as kernels/quant.py quantizes them
@@ -51,40 +56,51 @@ def LLAMA3_70B() -> Any:
     return _llama3(hidden=8192, intermediate=28672, layers=80, heads=64)
 
 
-def _linear_shapes(args: LlamaArgs) -> list[tuple[int, int]]:
-    """(out_features, in_features) of the seven linear layers of one decoder layer."""
-    q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    hidden, inner = args.hidden_size, args.intermediate_size
-    return [
-        (q_width, hidden),  # q_proj
-        (kv_width, hidden),  # k_proj
-        (kv_width, hidden),  # v_proj
-        (hidden, q_width),  # o_proj
-        (inner, hidden),  # gate_proj
-        (inner, hidden),  # up_proj
-        (hidden, inner),  # down_proj
-    ]
+def MIXTRAL_8X7B() -> Any:
+    """The published shape of Mixtral-8x7B-v0.1: 8 experts per layer, 2 active per token."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
 
 
-def layer_parameter_counts(args: LlamaArgs) -> dict[str, int]:
-    """Parameters of one decoder layer: ``linear`` (the seven projection weights) and ``other``.
+@functools.lru_cache(maxsize=64)
+def _layer_shapes(args: ModelArgs) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(out, in) of every linear weight of one decoder layer, and how many other parameters it has.
 
-    They are split because quantization only touches the linear weights; norms and biases stay
-    at the compute dtype.
+    The layer is built on the meta device from the family's own class, so the count follows the
+    family's code (fused projections, experts, biases, norms) without being written twice.
     """
-    q_width, kv_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    biases = 0
-    if args.qkv_bias:
-        biases += q_width + 2 * kv_width
-    if args.o_bias:
-        biases += args.hidden_size
-    if args.mlp_bias:
-        biases += 2 * args.intermediate_size + args.hidden_size
-    norms = 2 * args.hidden_size  # input_layernorm and post_attention_layernorm
-    return {
-        "linear": sum(rows * columns for rows, columns in _linear_shapes(args)),
-        "other": norms + biases,
-    }
+    from brigade.kernels.families import family_for_model_type
+
+    with torch.device("meta"):
+        layer = family_for_model_type(args.model_type).span_class.layer_class(args, 0)
+    shapes = tuple((m.out_features, m.in_features) for m in layer.modules() if isinstance(m, nn.Linear))
+    total = sum(p.numel() for p in layer.parameters())
+    return shapes, total - sum(rows * columns for rows, columns in shapes)
+
+
+def layer_parameter_counts(args: ModelArgs) -> dict[str, int]:
+    """Parameters of one decoder layer: ``linear`` (every linear weight) and ``other``.
+
+    They are split because quantization only touches the linear weights; norms, biases and a
+    mixture of experts' router stay at the compute dtype.
+    """
+    shapes, other = _layer_shapes(args)
+    return {"linear": sum(rows * columns for rows, columns in shapes), "other": other}
 
 
 def _check_quantization(quantization: str) -> None:
@@ -97,7 +113,7 @@ def _check_dtype_bytes(dtype_bytes: int) -> None:
         raise ValueError(f"dtype_bytes must be the element size of a dtype (1, 2, 4 or 8), got {dtype_bytes}")
 
 
-def layer_bytes(args: LlamaArgs, dtype_bytes: int, quantization: str) -> int:
+def layer_bytes(args: ModelArgs, dtype_bytes: int, quantization: str) -> int:
     """Bytes one decoder layer's weights take at ``dtype_bytes`` per element and ``quantization``.
 
     Assumptions, following how bitsandbytes stores what kernels/quant.py builds:
@@ -119,7 +135,7 @@ def layer_bytes(args: LlamaArgs, dtype_bytes: int, quantization: str) -> int:
     _check_dtype_bytes(dtype_bytes)
     counts = layer_parameter_counts(args)
     other = counts["other"] * dtype_bytes
-    shapes = _linear_shapes(args)
+    shapes = _layer_shapes(args)[0]
     if quantization == "none":
         return counts["linear"] * dtype_bytes + other
     if quantization == "int8":
@@ -133,7 +149,7 @@ def layer_bytes(args: LlamaArgs, dtype_bytes: int, quantization: str) -> int:
     )
 
 
-def kv_bytes_per_token(args: LlamaArgs, dtype_bytes: int, num_layers: int = 1) -> int:
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, num_layers: int = 1) -> int:
     """Bytes of keys and values one position of one sequence takes over ``num_layers`` layers.
 
     With grouped-query attention only the ``num_kv_heads`` heads are cached, which is why a
@@ -176,7 +192,7 @@ class SpanPlan:
 
 
 def plan_span(
-    args: LlamaArgs,
+    args: ModelArgs,
     budget_bytes: int,
     dtype_bytes: int,
     quantization: str,

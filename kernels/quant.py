@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from brigade.kernels.llama import LlamaSpan
+from brigade.kernels.span import Span
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,20 @@ def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, 
     return module.to(device)  # moving Params4bit / Int8Params to the device is what quantizes them
 
 
-def quantize_span(span: LlamaSpan, kind: str, device: str = "cpu") -> LlamaSpan:
-    """Replaces every linear layer of ``span`` by its ``kind`` version; ``"none"`` returns it as is."""
+def quantize_span(span: Span, kind: str, device: str = "cpu") -> Span:
+    """Replaces every linear layer of ``span`` by its ``kind`` version; ``"none"`` returns it as is.
+
+    Every ``nn.Linear`` inside a layer is replaced, however deep (a mixture of experts' experts
+    included); a MoE router is not an ``nn.Linear`` and keeps the span's dtype, so quantization
+    never changes which experts a token goes to.
+    """
     if kind == "none":
         return span
     if kind not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {kind!r}; expected one of {QUANTIZATIONS}")
     compute_dtype = next(span.parameters()).dtype
     for layer in span.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, _quantized_linear(child, kind, compute_dtype, device))

@@ -66,6 +66,13 @@ def run(
         max_memory_bytes = parse_bytes(max_memory) if max_memory else None
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    from brigade.kernels.loading import check_supported
+    from brigade.kernels.span import UnsupportedModelError
+
+    try:  # before anything starts: an unsupported family is named here, not deep in loading
+        check_supported(model, revision)
+    except UnsupportedModelError as e:
+        raise typer.BadParameter(str(e), param_hint="MODEL") from e
     config = PeerConfig(
         model=model,
         start_layer=start,

@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from brigade.kernels.llama import LlamaArgs
+from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES
 from brigade.kernels.memory import SpanPlan, kv_bytes_per_token, layer_bytes, plan_span
 from brigade.peer.config import PeerConfig
@@ -29,7 +29,7 @@ def budget_and_overhead(config: PeerConfig) -> tuple[int, int]:
 
 def resolve_span(config: PeerConfig, model_config: Any, records: list[PeerRecord]) -> tuple[PeerConfig, SpanPlan]:
     """The config with its span and cache size decided, and the plan that decided them."""
-    args = LlamaArgs.from_config(model_config)
+    args = model_args(model_config)
     dtype_bytes = COMPUTE_DTYPES[config.dtype].itemsize
     budget, overhead = budget_and_overhead(config)
     if config.start_layer is None or config.end_layer is None:

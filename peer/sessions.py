@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from brigade.kernels.cache import KVCache
-from brigade.kernels.llama import LlamaArgs
+from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
 from brigade.peer.kv_cache import CachePool
 from brigade.protocol import brigade_pb2 as pb
@@ -105,7 +105,7 @@ class Session:
 class SessionManager:
     """Opens, grows and closes sessions against one cache pool, with a share per owner."""
 
-    def __init__(self, config: PeerConfig, args: LlamaArgs, dtype: torch.dtype, device: str):
+    def __init__(self, config: PeerConfig, args: ModelArgs, dtype: torch.dtype, device: str):
         self.config = config
         self.args = args
         self.dtype = dtype
@@ -122,7 +122,7 @@ class SessionManager:
         """Admits a session, waiting up to the client's open_timeout_s for cache pages to free up."""
         self._check_open(request, owner)
         capacity = min(request.max_length, self.pool.page_tokens)
-        pages = self.pool.pages_for(capacity) * request.batch_size
+        pages = self._pages(capacity, request.start_layer, request.end_layer) * request.batch_size
         self._check_share(owner, pages, new_session=True)
         wait_s = min(max(request.open_timeout_s, 0.0), self.config.max_admission_wait_s)
         deadline = time.monotonic() + wait_s
@@ -142,10 +142,8 @@ class SessionManager:
             self._check_open(request, owner)  # the peer may have started draining meanwhile
             self._check_share(owner, pages, new_session=True)
         try:
-            cache = KVCache.allocate(
-                request.start_layer, request.end_layer, request.batch_size, self.args.num_kv_heads,
-                self.args.head_dim, capacity, self.dtype, self.device,
-            )
+            cache = self.args.new_cache(request.start_layer, request.end_layer, request.batch_size, capacity,
+                                        self.dtype, self.device)
         except BaseException:
             self._release_pages(pages)
             raise
@@ -258,7 +256,7 @@ class SessionManager:
         quota_error: QuotaExceededError | None = None
         for target in (wanted, needed):
             target = -(-target // page) * page if target < session.max_length else session.max_length
-            extra = self.pool.pages_for(target) * session.batch_size - session.reserved_pages
+            extra = self._pages(target, session.start, session.end) * session.batch_size - session.reserved_pages
             try:
                 self._check_share(session.owner, extra)
             except QuotaExceededError as error:
@@ -274,6 +272,10 @@ class SessionManager:
             f"KV cache is full: the session needs {(needed - capacity) * session.batch_size} more positions, "
             f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
         )
+
+    def _pages(self, capacity: int, start: int, end: int) -> int:
+        """Pool pages per sequence for a cache that may reach ``capacity`` (a sliding window bounds it)."""
+        return self.pool.pages_for(self.args.cache_positions(capacity, start, end))
 
     # -- closing ---------------------------------------------------------------------------------
     def _release_pages(self, pages: int) -> None:

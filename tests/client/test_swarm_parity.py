@@ -1,7 +1,13 @@
-"""Generation through a real swarm (bootstrap + 3 peer processes on loopback) matches transformers.
+"""Generation through a real swarm matches transformers, for every supported family.
+
+One bootstrap DHT node serves the whole module; each family gets four peer processes on
+loopback, splitting its 6 layers at 2, 3 and 4 (for Gemma 2 and 3 both sliding-to-global and
+global-to-sliding cuts; Gemma 3's 2:3 and 3:4 are all-sliding spans with bounded caches). The
+prompts (24, 20 and 8 tokens) are longer than the windowed models' window (8) and the first two
+longer than their ring (15 slots), so prefill, decode and wrap-around all happen on bounded caches.
 
 Logit tolerance: fp32 on CPU, atol 1e-4 / rtol 1e-4 (the peers and transformers differ only in
-summation order; observed differences are around 1e-5 on logits of magnitude ~10).
+summation order; observed differences are around 1e-5 on logits of magnitude ~2-10).
 """
 
 from __future__ import annotations
@@ -10,23 +16,41 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from brigade_testkit import FAMILIES, build_checkpoint, build_model, start_swarm
+from brigade_testkit import FAMILIES, FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
+from brigade.peer.launcher import LocalSwarm
 
 NEW_TOKENS = 32
-SPANS = [(0, 2), (2, 4), (4, 6)]
+SPANS = [(0, 2), (2, 3), (3, 4), (4, 6)]  # three cuts
+
+
+@pytest.fixture(scope="module")
+def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """One DHT bootstrap node for every family's peers (models are told apart by name, as in a real swarm)."""
+    swarm = LocalSwarm(tmp_path_factory.mktemp("bootstrap"), peer_threads=PEER_THREADS)
+    try:
+        yield swarm.start_bootstrap()
+    finally:
+        swarm.close()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+def family_setup(
+    request: pytest.FixtureRequest, bootstrap: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple]:
     family = request.param
     folder = tmp_path_factory.mktemp(family)
     checkpoint = build_checkpoint(folder / f"tiny-{family}", family, seed=7)
     reference = build_model(family, seed=7)
-    swarm = start_swarm(folder / "swarm", checkpoint, SPANS)
+    swarm = LocalSwarm(folder / "swarm", peer_threads=PEER_THREADS)
+    swarm.initial_peers = bootstrap  # peers join the shared node; closing this swarm stops only them
     try:
-        model = DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers)
+        for span in SPANS:
+            swarm.add_peer(str(checkpoint), span, extra_args=FAST_PEER_ARGS, wait=False)
+        for peer in swarm.peers:
+            swarm.wait_ready(peer)
+        model = DistributedModelForCausalLM.from_pretrained(str(checkpoint), bootstrap)
         try:
             yield family, reference, model
         finally:
@@ -36,13 +60,16 @@ def family_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 def prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three prompts of lengths 11, 7 and 3, left-padded into one batch."""
+    """Three prompts of lengths 24, 20 and 8, left-padded into one batch."""
     generator = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, 512, (3, 11), generator=generator)
+    ids = torch.randint(0, 512, (3, 24), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    mask[2, :8] = 0
+    mask[2, :16] = 0
     return ids, mask
+
+
+PADS = (0, 4, 16)
 
 
 def test_greedy_single_prompt_matches_transformers(family_setup: tuple) -> None:
@@ -52,7 +79,7 @@ def test_greedy_single_prompt_matches_transformers(family_setup: tuple) -> None:
     assert len(set(expected[0, ids.shape[1] :].tolist())) > NEW_TOKENS // 4, "reference tokens must vary"
     got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert got.tolist() == expected.tolist()
-    assert len(model.last_route) == 3
+    assert len(model.last_route) == len(SPANS)
 
 
 def test_greedy_batch_of_different_lengths_matches_transformers(family_setup: tuple) -> None:
@@ -69,7 +96,7 @@ def test_forward_logits_match_within_tolerance(family_setup: tuple) -> None:
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask).logits
     got = model(ids, attention_mask=mask).logits
-    for row, pad in enumerate((0, 4, 8)):
+    for row, pad in enumerate(PADS):
         torch.testing.assert_close(got[row, pad:], expected[row, pad:], atol=1e-4, rtol=1e-4)
 
 

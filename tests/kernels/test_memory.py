@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from brigade_testkit import build_checkpoint
+from brigade_testkit import FAMILIES, build_checkpoint
 from torch import nn
 from transformers import LlamaConfig, Qwen2Config
 
 from brigade.kernels.cache import KVCache
+from brigade.kernels.families import model_args
 from brigade.kernels.llama import LlamaArgs, LlamaSpan
 from brigade.kernels.loading import load_span
 from brigade.kernels.memory import (
     GIB,
     LLAMA3_8B,
     LLAMA3_70B,
+    MIXTRAL_8X7B,
     QUANTIZATIONS,
     SpanPlan,
     kv_bytes_per_token,
@@ -82,6 +84,21 @@ def test_parameter_counts_follow_biases_and_head_dim(config: object) -> None:
     linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
     counts = layer_parameter_counts(span.args)
     assert counts == {"linear": linear, "other": sum(p.numel() for p in layer.parameters()) - linear}
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"llama"}))
+def test_layer_bytes_of_every_family_equal_its_loaded_span(family: str, tmp_path: Path) -> None:
+    span = load_span(str(build_checkpoint(tmp_path / family, family)), 0, 6)
+    loaded = sum(p.numel() * p.element_size() for p in span.parameters())
+    assert layer_bytes(span.args, 4, "none") * 6 == loaded
+
+
+def test_mixtral_8x7b_has_its_published_parameter_count() -> None:
+    args = model_args(MIXTRAL_8X7B())
+    per_layer = layer_parameter_counts(args)
+    assert per_layer["other"] == 8 * 4096 + 2 * 4096  # the router and two norms stay at the compute dtype
+    head = 2 * args.vocab_size * args.hidden_size + args.hidden_size
+    assert args.num_layers * sum(per_layer.values()) + head == 46_702_792_704
 
 
 def test_llama3_shapes_have_their_published_parameter_counts() -> None:

@@ -13,13 +13,25 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from brigade.peer.launcher import LaunchedProcess, LocalSwarm
@@ -30,11 +42,33 @@ FAST_PEER_ARGS = ["--drain-grace", "1", "--announce-period", "1.5", "--record-tt
 
 
 
+WINDOW = 8  # sliding window of the tiny windowed models: shorter than the test prompts
+# Untied: with tied embeddings scaled by sqrt(hidden), a random Gemma echoes its input token.
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=32, sliding_window=WINDOW, tie_word_embeddings=False)
+# Gemma 3 layer types chosen so that the test spans 0:2 | 2:4 | 4:6 cut between a global and a
+# sliding layer (at 2) and a sliding and a global one (at 4), and 2:4 is all sliding (a bounded cache).
+GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                 "full_attention", "sliding_attention"]
+
+# name -> (config class, model class, options over TINY_SHAPE)
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "mistral_window": (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    # Soft-caps low enough to bend this tiny model's scores and logits (Gemma 2 ships 50 and 30).
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM,
+               {**GEMMA, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 5.0}),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {**GEMMA, "layer_types": GEMMA3_LAYERS}),
+    "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    # Falcon-40B's layout: grouped kv heads, parallel attention and MLP with two LayerNorms, tied head.
+    "falcon": (FalconConfig, FalconForCausalLM, {
+        "new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 160, "bias": False}),
 }
+WINDOWED_FAMILIES = ("mistral_window", "gemma2", "gemma3")
 
 TINY_SHAPE = dict(
     vocab_size=512,
