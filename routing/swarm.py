@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import hivemind
 
@@ -40,10 +42,22 @@ async def fetch_records(dht: hivemind.DHT, model_name: str, *, timeout_s: float 
     if not isinstance(found.value, dict):
         logger.debug("%s holds a plain value instead of per-peer subkeys; ignoring it", key)
         return []
+    records, _ = parse_model_entries(
+        model_name, {subkey: getattr(entry, "value", None) for subkey, entry in found.value.items()}
+    )
+    return records
 
+
+def parse_model_entries(model_name: str, entries: Mapping[Any, Any]) -> tuple[list[PeerRecord], int]:
+    """The valid records among ``entries`` (subkey -> raw DHT value) of ``model_name``'s key, and
+    how many were dropped.
+
+    The one check every reader applies (clients, peers, the dashboard's crawler and its recorded
+    snapshots): signature, schema and size, stored under its own peer id, naming this model.
+    """
+    key = model_key(model_name)
     records = []
-    for subkey, entry in found.value.items():
-        value = getattr(entry, "value", None)
+    for subkey, value in entries.items():
         record = parse_signed_record(value, expected_peer_id=subkey) if isinstance(subkey, str) else None
         if record is None:
             logger.debug("dropped an invalid record under %s, subkey %r", key, subkey)
@@ -51,4 +65,4 @@ async def fetch_records(dht: hivemind.DHT, model_name: str, *, timeout_s: float 
             logger.debug("dropped %s's record under %s: it names model %r", subkey, key, record.model_name)
         else:
             records.append(record)
-    return records
+    return records, len(entries) - len(records)
