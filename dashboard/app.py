@@ -72,7 +72,7 @@ def create_app(crawler: Crawler) -> FastAPI:
         response.headers.setdefault("X-Frame-Options", "DENY")
         return response
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> Response:
         body, policy = _page()
         return Response(body, media_type="text/html; charset=utf-8",
@@ -87,7 +87,7 @@ def create_app(crawler: Crawler) -> FastAPI:
     async def metrics() -> Response:
         return Response(crawler.metrics_text(), media_type=CONTENT_TYPE_LATEST, headers=_NO_CACHE)
 
-    @app.get("/healthz", summary="Whether the dashboard service itself works (not the swarm)")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Whether the dashboard itself works (not the swarm)")
     async def healthz() -> JSONResponse:
         ok, detail = crawler.health()
         crawl = crawler.crawl_view()

@@ -110,6 +110,11 @@ def model_view(
 
     counts = [0] * num_layers
     throughput = [0.0] * num_layers
+    announced = [0] * num_layers
+    for view in peers:
+        if view.peer_id not in odd:
+            for layer in range(view.start_layer, view.end_layer):
+                announced[layer] += 1
     for view in counted:
         for layer in range(view.start_layer, view.end_layer):
             counts[layer] += 1
@@ -159,8 +164,8 @@ def model_view(
         versions=dict(sorted(versions.items())),
         probe_rtt_ms={key: round(value, 3) for key, value in quantiles(rtts).items()},
         warnings=warnings,
-        layers=[LayerView(peers=count, throughput=round(value, 3)) for count, value in zip(counts, throughput,
-                                                                                          strict=True)],
+        layers=[LayerView(peers=count, throughput=round(value, 3), announced=claims)
+                for count, value, claims in zip(counts, throughput, announced, strict=True)],
         peers=ordered,
         history=list(history),
     )

@@ -59,6 +59,7 @@ class LayerView(_Frozen):
 
     peers: int
     throughput: float = Field(description="summed announced tokens/s per layer of those peers")
+    announced: int = Field(description="peers whose record covers this layer, whatever their status (gone excepted)")
 
 
 class HistoryPoint(_Frozen):

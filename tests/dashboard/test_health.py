@@ -29,6 +29,7 @@ def test_healthy_when_every_layer_has_an_online_peer() -> None:
     assert view.verdict == "healthy" and view.gaps == [] and view.layers_covered == 6
     assert [layer.peers for layer in view.layers] == [1, 1, 2, 2, 1, 1]
     assert [layer.throughput for layer in view.layers] == [10, 10, 15, 25, 20, 20]
+    assert [layer.announced for layer in view.layers] == [1, 1, 2, 2, 1, 1]
     assert view.weakest_layer_throughput == 10 and view.min_peers_per_layer == 1
     assert view.peers_online == 3 and view.probe_rtt_ms == {"p50": 1.0, "p90": 1.0, "p99": 1.0}
     assert any("no spare peer for layers 0:2, 4:6" in warning for warning in view.warnings)
