@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ from brigade.protocol.records import PeerRecord
 logger = logging.getLogger(__name__)
 
 _MAX_INFO_BYTES = 64 * 1024  # an InfoResponse is a few hundred bytes; refuse to buffer a hostile giant
+# A host name or IPv4 address, or a bracketed IPv6 address, then a port: nothing else is dialled.
+_HOST_PORT = re.compile(
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):(?P<port>[0-9]{1,5})$"
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,26 @@ class ProbeResult:
     open_sessions: int | None = None
 
 
+def address_problem(address: str) -> str:
+    """Why ``address`` must not be dialled ('' when it is a plain host:port).
+
+    Addresses come from anyone's records, and gRPC also accepts target schemes (``unix:``,
+    ``vsock:``, ``dns:``...): the dashboard dials only TCP host:port, never a local socket a
+    record names.
+    """
+    match = _HOST_PORT.match(address)
+    if match is None:
+        return "not a host:port address"
+    if not 0 < int(match.group("port")) < 65536:
+        return "port out of range"
+    return ""
+
+
 async def probe_peer(record: PeerRecord, timeout_s: float) -> ProbeResult:
     """Calls ``Info`` twice on one connection within ``timeout_s`` and checks who answered."""
+    problem = address_problem(record.address)
+    if problem:
+        return ProbeResult(False, error=f"not probed: {problem}")
     channel = peer_channel(record, max_message_bytes=_MAX_INFO_BYTES)
     try:
         async with asyncio.timeout(timeout_s):

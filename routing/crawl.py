@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MAX_MODELS = 256  # models one crawl reads; the rest are reported as skipped (an index flooded with junk names)
 MAX_SNAPSHOT_BYTES = 256 * 1024 * 1024
+MAX_ENTRIES_PER_KEY = 20_000  # subkeys parsed per key; beyond that they count as dropped (a flooded key)
 
 
 class CrawlError(RuntimeError):
@@ -168,10 +169,19 @@ class SwarmCrawl:
         return self.index_dropped + sum(model.dropped for model in self.models.values())
 
 
+def _bounded(entries: Mapping[Any, Any]) -> tuple[dict[Any, Any], int]:
+    """At most MAX_ENTRIES_PER_KEY of ``entries``, and how many were left out."""
+    if len(entries) <= MAX_ENTRIES_PER_KEY:
+        return dict(entries), 0
+    kept = dict(list(entries.items())[:MAX_ENTRIES_PER_KEY])
+    logger.warning("a key holds %d subkeys; reading the first %d", len(entries), MAX_ENTRIES_PER_KEY)
+    return kept, len(entries) - MAX_ENTRIES_PER_KEY
+
+
 def parse_index(entries: Mapping[Any, Any]) -> tuple[dict[str, int], int]:
     """Model name -> number of valid index entries naming it, and how many entries were dropped."""
     counts: dict[str, int] = {}
-    dropped = 0
+    entries, dropped = _bounded(entries)
     for subkey, value in entries.items():
         entry = parse_signed(value, IndexEntry, expected_peer_id=subkey) if isinstance(subkey, str) else None
         if entry is not None:
@@ -216,8 +226,9 @@ async def crawl(
                 return ModelRecords(name, [], error=str(e))
             if keep_raw:
                 result.raw[model_key(name)] = raw
-            records, dropped = await asyncio.to_thread(parse_model_entries, name, raw)
-            return ModelRecords(name, records, dropped)
+            kept, left_out = _bounded(raw)
+            records, dropped = await asyncio.to_thread(parse_model_entries, name, kept)
+            return ModelRecords(name, records, dropped + left_out)
 
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(read(name), name=f"crawl {name}") for name in sorted(names[:max_models])]

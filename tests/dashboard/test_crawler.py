@@ -144,3 +144,13 @@ def test_state_and_metrics_of_a_simulated_swarm(tmp_path: Path) -> None:
     versions = sum(s.value for s in families["brigade_peer_versions"].samples if s.labels["model"] == "big")
     assert versions == 120
     assert "brigade_model_weakest_layer_throughput" in families
+
+
+def test_a_flooded_key_is_read_only_up_to_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import brigade.routing.crawl as crawl_module
+
+    monkeypatch.setattr(crawl_module, "MAX_ENTRIES_PER_KEY", 10)
+    snapshot = simulated_swarm({"a": (8, 25)})
+    result = asyncio.run(crawl(SnapshotSource(write(tmp_path / "s.json", snapshot))))
+    assert result.index_dropped == 15 and result.index_entries == 10
+    assert len(result.models["a"].records) == 10 and result.models["a"].dropped == 15

@@ -9,7 +9,7 @@ import time
 import grpc
 from brigade_dashboard import peer_record
 
-from brigade.dashboard.probe import probe_all, probe_peer
+from brigade.dashboard.probe import address_problem, probe_all, probe_peer
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.identity import Identity
@@ -70,8 +70,11 @@ def test_probe_answers_refusals_hangs_and_impostors() -> None:
             assert not hung.reachable and "no answer within 0.5 s" in hung.error
             assert time.monotonic() - began < 2.0
 
-            junk = await probe_peer(peer_record(identity, "m", 0, 2, 4, address="not an address"), 0.5)
-            assert not junk.reachable
+            for address in ("not an address", "unix:/tmp/x.sock", "unix-abstract:x", "dns:///evil:80", "h:0",
+                            "h:99999", "[::1]:x"):
+                junk = await probe_peer(peer_record(identity, "m", 0, 2, 4, address=address), 0.5)
+                assert not junk.reachable and junk.error.startswith("not probed"), address
+            assert address_problem("[::1]:5000") == address_problem("peer-3.example.org:443") == ""
         finally:
             silent.close()
             await server.stop(None)
