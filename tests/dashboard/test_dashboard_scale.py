@@ -106,6 +106,19 @@ def test_page_renders_2000_peers_in_under_a_second(scale: Scale) -> None:
                        rendered_at_ms, render_ms)
         assert rendered_at_ms < 1000, f"the page took {rendered_at_ms:.0f} ms to render"
 
+        # A failing crawl shows on the open page by itself (auto-refresh), over the last good data.
+        good = scale.snapshot.read_bytes()
+        try:
+            scale.snapshot.write_text("{ truncated")
+            scale.dashboard.wait_for(lambda state: state.crawl.ok is False, 30, "reporting the failed crawl")
+            page.wait_for_function("document.getElementById('crawl').textContent.includes('FAILED')",
+                                   timeout=15_000)
+            assert "cannot read the snapshot" in page.locator("#crawl").inner_text()
+            assert page.locator("section.model").count() == len(MODELS)
+        finally:
+            scale.snapshot.write_bytes(good)
+        scale.dashboard.wait_for(lambda state: state.crawl.ok is True, 30, "crawling again")
+
 
 def test_swarm_status_reads_a_snapshot(scale: Scale) -> None:
     runner = CliRunner()
