@@ -87,7 +87,8 @@ def create_app(crawler: Crawler) -> FastAPI:
     async def metrics() -> Response:
         return Response(crawler.metrics_text(), media_type=CONTENT_TYPE_LATEST, headers=_NO_CACHE)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Whether the dashboard itself works (not the swarm)")
+    @app.get("/healthz", summary="Whether the dashboard itself works (not the swarm)")
+    @app.head("/healthz", include_in_schema=False)  # for monitors that only ask HEAD
     async def healthz() -> JSONResponse:
         ok, detail = crawler.health()
         crawl = crawler.crawl_view()
