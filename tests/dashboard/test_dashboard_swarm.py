@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ def test_state_and_metrics_show_the_swarm(live: Live) -> None:
     assert (("model", live.model), ("quantile", "0.5")) in metrics["brigade_probe_rtt_seconds"]
     assert sum(metrics["brigade_peer_versions"].values()) == 3
     assert live.dashboard.get("/healthz")[0] == 200
+    for path in ("/", "/healthz"):  # monitors that only ask HEAD
+        with urllib.request.urlopen(urllib.request.Request(live.dashboard.url + path, method="HEAD"), timeout=10) as r:
+            assert r.status == 200
 
 
 def test_swarm_status_prints_the_summary(live: Live) -> None:
