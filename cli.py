@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer
 
 from brigade.client.cli import generate
+from brigade.dashboard.cli import dashboard, swarm_app
 from brigade.demo import demo
 from brigade.peer.cli import app as peer_app
 from brigade.peer.lifetime import children_die_with_this_process
@@ -25,3 +26,5 @@ app.add_typer(peer_app, name="peer")
 app.command()(dht)
 app.command()(generate)
 app.command()(demo)
+app.command()(dashboard)
+app.add_typer(swarm_app, name="swarm")

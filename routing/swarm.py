@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -44,15 +46,8 @@ async def fetch_records(
     the DHT's process and is awaited as a future. Raises ValueError only for an invalid
     ``model_name`` (a caller bug, not a DHT condition).
     """
-    key = model_key(model_name)
-    records = await _fetch_signed(dht, key, PeerRecord, timeout_s, peer_filter)
-    kept = []
-    for record in records:
-        if record.model_name != model_name:
-            logger.debug("dropped %s's record under %s: it names model %r", record.peer_id, key, record.model_name)
-        else:
-            kept.append(record)
-    return kept
+    entries = await _get_subkeys(dht, model_key(model_name), timeout_s)
+    return parse_model_entries(model_name, entries, peer_filter)[0]
 
 
 async def fetch_index(
@@ -63,34 +58,42 @@ async def fetch_index(
     For crawlers such as the dashboard: ``{entry.model_name for entry in entries}`` are the models
     the swarm serves, and ``fetch_records`` then reads each one's peers.
     """
-    return await _fetch_signed(dht, MODELS_INDEX_KEY, IndexEntry, timeout_s, peer_filter)
+    entries = await _get_subkeys(dht, MODELS_INDEX_KEY, timeout_s)
+    return parse_entries(MODELS_INDEX_KEY, IndexEntry, entries, peer_filter)[0]
 
 
-async def _fetch_signed(
-    dht: hivemind.DHT, key: str, schema: type[RecordT], timeout_s: float, peer_filter: PeerFilter | None
-) -> list[RecordT]:
-    try:
-        future = dht.get(key, latest=True, return_future=True)
-        found = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-    except TimeoutError:
-        logger.warning("reading %s from the DHT timed out after %.1f s", key, timeout_s)
-        return []
-    except Exception as e:  # the DHT process gone, a broken pipe, an error inside hivemind
-        logger.warning("reading %s from the DHT failed: %r", key, e)
-        return []
-    if found is None:
-        return []
-    if not isinstance(found.value, dict):
-        logger.debug("%s holds a plain value instead of per-peer subkeys; ignoring it", key)
-        return []
+def parse_model_entries(
+    model_name: str, entries: Mapping[Any, Any], peer_filter: PeerFilter | None = None
+) -> tuple[list[PeerRecord], int]:
+    """The valid records among ``entries`` (subkey -> raw DHT value) of ``model_name``'s key, and how
+    many were dropped.
 
+    The one check every reader applies (clients, peers, the dashboard's crawler and its recorded
+    snapshots): signature, schema and size, stored under its own peer id, naming this model.
+    """
+    key = model_key(model_name)
+    records, dropped = parse_entries(key, PeerRecord, entries, peer_filter)
+    kept = []
+    for record in records:
+        if record.model_name != model_name:
+            logger.debug("dropped %s's record under %s: it names model %r", record.peer_id, key, record.model_name)
+            dropped += 1
+        else:
+            kept.append(record)
+    return kept, dropped
+
+
+def parse_entries(
+    key: str, schema: type[RecordT], entries: Mapping[Any, Any], peer_filter: PeerFilter | None = None
+) -> tuple[list[RecordT], int]:
+    """The ``schema`` records among raw ``entries`` that pass every per-record check, and how many did not."""
     latest_expiry = get_dht_time() + MAX_RECORD_TTL_S + MAX_CLOCK_SKEW_S
-    records = []
-    for subkey, entry in found.value.items():
+    records: list[RecordT] = []
+    for subkey, value in entries.items():
         try:
             if not isinstance(subkey, str):
                 raise RecordError("the subkey is not a peer id")
-            record = check_signed(getattr(entry, "value", None), schema, expected_peer_id=subkey)
+            record = check_signed(value, schema, expected_peer_id=subkey)
             if record.expires_at > latest_expiry:
                 raise RecordError("it expires too far in the future")
             if peer_filter is not None and not peer_filter.admits(record.peer_id):
@@ -99,4 +102,23 @@ async def _fetch_signed(
             logger.debug("dropped a record under %s, subkey %r: %s", key, subkey, e)
             continue
         records.append(record)
-    return records
+    return records, len(entries) - len(records)
+
+
+async def _get_subkeys(dht: hivemind.DHT, key: str, timeout_s: float) -> dict[Any, Any]:
+    """``{subkey: raw value}`` stored under ``key``; {} when nothing is there or the DHT does not answer."""
+    try:
+        future = dht.get(key, latest=True, return_future=True)
+        found = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except TimeoutError:
+        logger.warning("reading %s from the DHT timed out after %.1f s", key, timeout_s)
+        return {}
+    except Exception as e:  # the DHT process gone, a broken pipe, an error inside hivemind
+        logger.warning("reading %s from the DHT failed: %r", key, e)
+        return {}
+    if found is None:
+        return {}
+    if not isinstance(found.value, dict):
+        logger.debug("%s holds a plain value instead of per-peer subkeys; ignoring it", key)
+        return {}
+    return {subkey: getattr(entry, "value", None) for subkey, entry in found.value.items()}
