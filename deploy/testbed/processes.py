@@ -2,8 +2,10 @@
 
 Each process runs as ``ip netns exec <host> python ...`` (``ip`` enters the namespace and execs,
 so the pid is the Python process itself) in a session of its own, and asks the kernel to kill it
-if the testbed process dies: a testbed killed with SIGKILL leaves no running peers behind, only
-namespaces that the next run sweeps away.
+if the testbed process dies: a testbed killed with SIGKILL leaves no running peers or bootstrap
+behind, only its namespaces (and at most a helper such as torch's shared-memory manager inside
+them), which ``sweep_stale`` (the next run, or ``python -m brigade.deploy.testbed cleanup``) kills
+and removes.
 """
 
 from __future__ import annotations
