@@ -229,11 +229,15 @@ def remove_marker(run_id: str) -> None:
 
 
 def owner_alive(run_id: str) -> bool:
-    """True while the process that made ``run_id`` still runs (same pid and the same start time)."""
+    """True while the process that made ``run_id`` still runs (same pid and the same start time).
+
+    Without a readable marker the pid in the name decides, erring on the side of a live run.
+    """
     try:
         marker = json.loads((MARKER_DIR / f"{run_id}.json").read_text())
     except (OSError, ValueError):
-        return False
+        pid = run_id[len(PREFIX):].split("-")[0]
+        return pid.isdigit() and _start_time(int(pid)) is not None
     return isinstance(marker, dict) and _start_time(int(marker.get("pid", -1))) == marker.get("start_time")
 
 
