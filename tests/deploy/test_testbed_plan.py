@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from brigade.deploy.testbed import netns
 from brigade.deploy.testbed.netns import network_commands, plan_hosts, shaping_commands
 from brigade.deploy.testbed.profiles import PROFILES, get_profile
 from brigade.deploy.testbed.runner import GenerationResult
@@ -72,3 +76,19 @@ def test_result_measures_steps_after_the_first_token_against_the_route_floor() -
     assert result.ms_per_token == pytest.approx(110.0)
     assert result.floor_ms == 80.0
     assert "p0[0:1] 10.77.0.2 (rtt 30 ms) -> p1[1:2]" in result.describe_route()
+
+
+def test_a_run_is_live_only_while_its_owner_process_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns, "MARKER_DIR", tmp_path)
+    mine = netns.new_run_id()
+    netns.write_marker(mine)
+    assert netns.owner_alive(mine)
+    # Same pid, another start time: the pid was reused by a process that is not the owner.
+    marker = tmp_path / f"{mine}.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "start_time": "1"}))
+    assert not netns.owner_alive(mine)
+    netns.remove_marker(mine)
+    netns.remove_marker(mine)  # idempotent
+    # Without a marker the pid in the name decides, erring on the side of a live run.
+    assert netns.owner_alive(mine)
+    assert not netns.owner_alive(f"{netns.PREFIX}999999999-abcdef")
