@@ -207,6 +207,12 @@ def build_argv(path: list[str], extra: list[str], env: dict[str, str]) -> list[s
     return [*path, *flags_from_env(command, env, ' '.join(path), strict=not extra), *extra]
 
 
+def reachable_from_elsewhere(maddrs: list[str]) -> list[str]:
+    """Drops loopback multiaddrs, which mean nothing in another container, unless nothing else is left."""
+    outside = [maddr for maddr in maddrs if not maddr.startswith(("/ip4/127.", "/ip6/::1/"))]
+    return outside or maddrs
+
+
 def run_publishing(argv: list[str], target: Path) -> int:
     """Runs ``brigade argv`` as a child, copies its output, and writes its multiaddrs to ``target`` once ready."""
     from brigade.routing.cli import READY_MARK
@@ -221,7 +227,7 @@ def run_publishing(argv: list[str], target: Path) -> int:
         sys.stdout.write(line)
         sys.stdout.flush()
         if line.startswith(READY_MARK + " "):
-            maddrs = json.loads(line[len(READY_MARK) + 1 :])["maddrs"]
+            maddrs = reachable_from_elsewhere(json.loads(line[len(READY_MARK) + 1 :])["maddrs"])
             partial = target.with_name(target.name + ".partial")
             partial.write_text(json.dumps(maddrs))
             partial.replace(target)  # readers see the whole list or nothing

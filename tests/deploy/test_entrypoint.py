@@ -20,6 +20,7 @@ from brigade.deploy.entrypoint import (
     env_name,
     find_command,
     mapping,
+    reachable_from_elsewhere,
     root_command,
     split_command,
     unknown_variables,
@@ -68,6 +69,9 @@ def test_bad_environments_say_which_variable() -> None:
         find_command(["nope"])
     assert unknown_variables({"BRIGADE_MODLE": "x", "BRIGADE_PORT": "1", "HOME": "/"}, root_command()) == \
         ["BRIGADE_MODLE"]
+    assert reachable_from_elsewhere(["/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/172.18.0.2/tcp/1/p2p/A"]) == \
+        ["/ip4/172.18.0.2/tcp/1/p2p/A"]
+    assert reachable_from_elsewhere(["/ip4/127.0.0.1/tcp/1/p2p/A"]) == ["/ip4/127.0.0.1/tcp/1/p2p/A"]
     assert split_command(["peer", "run", "--port", "1"], root_command()) == (["peer", "run"], ["--port", "1"])
     # A prompt given after the command stands in for the required positional.
     assert build_argv(["generate"], ["hello"], {"BRIGADE_MODEL": "/m", "BRIGADE_INITIAL_PEERS": "/ip4/1"}) == \
