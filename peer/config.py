@@ -15,6 +15,7 @@ class PeerConfig:
     host: str = "127.0.0.1"  # interface the gRPC server binds
     port: int = 0  # gRPC port; 0 = any free port
     announce_host: str | None = None  # address clients should dial; defaults to `host`
+    announce_port: int | None = None  # port clients should dial (a proxy or NAT forward); defaults to the bound port
     dht_listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs the DHT node listens on
     identity_path: str | None = None  # Ed25519 key file; a fresh key each run when None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16

@@ -102,7 +102,7 @@ class PeerServer:
         if port == 0:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         await self._server.start()
-        self.address = f"{config.announce_host or config.host}:{port}"
+        self.address = f"{config.announce_host or config.host}:{config.announce_port or port}"
         from hivemind.utils import get_dht_time
 
         self.started_at = get_dht_time()

@@ -1,0 +1,85 @@
+"""The testbed's client: runs inside the client host, generates once, prints one result line.
+
+``python -m brigade.deploy.testbed.client MODEL --initial-peers MADDR --prompt-ids 1,2,3``
+
+A mode is how tokens travel through the pipeline. ``client`` is the client-driven pipeline of
+today (one round trip per hop per token). Peer-to-peer forwarding and speculative decoding are
+new entries in ``MODES`` with the same signature; the testbed and ``benchmarks/wan.py`` pass
+``--mode`` through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+RESULT_MARK = "BRIGADE_TESTBED_RESULT"
+
+
+@dataclass
+class ClientRun:
+    tokens: list[int]  # new tokens only, batch of one
+    token_times_s: list[float]  # when each new token arrived, from the start of the generation
+    route: list[str]  # "peer_id[start:end]" per hop, as the client used it
+
+
+def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
+    """Greedy decoding through ``DistributedModelForCausalLM``: the client calls each hop in turn."""
+    import torch
+
+    from brigade.client import DistributedModelForCausalLM
+
+    with DistributedModelForCausalLM.from_pretrained(model, initial_peers) as distributed:
+        input_ids = torch.tensor([prompt_ids])
+        tokens, times = [], []
+        began = time.perf_counter()
+        for step in distributed.stream(input_ids, max_new_tokens=new_tokens, do_sample=False):
+            times.append(time.perf_counter() - began)
+            tokens.append(int(step[0]))
+        return ClientRun(tokens, times, list(distributed.last_route))
+
+
+Mode = Callable[[str, list[str], list[int], int], ClientRun]
+MODES: dict[str, Mode] = {"client": client_driven}
+
+
+def prompt_to_ids(model: str, prompt: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from brigade.kernels.checkpoint import resolve_config_folder
+
+    return list(AutoTokenizer.from_pretrained(resolve_config_folder(model))(prompt).input_ids)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from brigade.peer.lifetime import children_die_with_this_process
+
+    children_die_with_this_process()  # hivemind's DHT child and its p2pd go when this process goes
+    parser = argparse.ArgumentParser(description="Generate once through the testbed and print the result.")
+    parser.add_argument("model")
+    parser.add_argument("--initial-peers", action="append", required=True)
+    parser.add_argument("--prompt-ids", help="comma-separated token ids")
+    parser.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--mode", choices=sorted(MODES), default="client")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if options.prompt_ids:
+        prompt_ids = [int(token) for token in options.prompt_ids.split(",")]
+    elif options.prompt is not None:
+        prompt_ids = prompt_to_ids(options.model, options.prompt)
+    else:
+        parser.error("give --prompt-ids or --prompt")
+    run = MODES[options.mode](options.model, options.initial_peers, prompt_ids, options.new_tokens)
+    print(f"{RESULT_MARK} {json.dumps({'prompt_ids': prompt_ids, **asdict(run)})}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

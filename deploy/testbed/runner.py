@@ -1,0 +1,259 @@
+"""A swarm on the testbed: a bootstrap host, one host per peer, a client host, and their links.
+
+Every host has its own address and port space, so every peer uses the same well-known ports,
+as it would on its own machine. A peer binds its gRPC port on its own loopback and a delay proxy
+on its public address forwards to it: clients can only reach the peer through the link's delay.
+With netem (where the kernel has it) the kernel delays the link instead and the peer binds its
+public address itself.
+
+``close`` is idempotent and runs however ``start`` or the generation ended (an error, Ctrl-C,
+SIGTERM): it stops the processes, then deletes the namespaces, which also kills anything left in
+them and removes every link, bridge and queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from brigade.deploy.testbed.client import RESULT_MARK
+from brigade.deploy.testbed.netns import Host, Network, new_run_id, plan_hosts, sweep_stale
+from brigade.deploy.testbed.processes import HostProcess, spawn, stop_all
+from brigade.deploy.testbed.profiles import NetProfile, get_profile
+from brigade.peer.launcher import DHT_READY, PEER_READY
+
+logger = logging.getLogger(__name__)
+
+PEER_PORT = 31330  # what clients dial on every peer host (the proxy, or the peer itself under netem)
+BACKEND_PORT = 31331  # the peer's own gRPC port behind the proxy, on the host's loopback
+DHT_PORT = 31337  # every host's DHT node
+PROXY_READY = "BRIGADE_PROXY_READY"
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    __test__ = False
+
+    model: str  # checkpoint folder every host reads (the hosts share this machine's file system)
+    spans: tuple[tuple[int, int], ...]  # one peer host per span, half-open [start, end)
+    profile: str = "internet"  # lan | internet | bad (see profiles.py)
+    seed: int = 0  # draws each peer's round trip within the profile's range
+    emulation: str = "auto"  # auto (netem where the kernel has it) | proxy | netem
+    subnet: str = "10.77.0"  # first three octets of the testbed's private /24 (inside its namespaces only)
+    peer_threads: int = 1  # torch threads per peer
+    peer_args: tuple[str, ...] = ("--drain-grace", "1")  # more `brigade peer run` flags for every peer
+    log_dir: str | None = None  # where each process logs; a fresh temporary folder when None
+    start_timeout_s: float = 180.0  # bound on the bootstrap and on all peers becoming ready
+    generate_timeout_s: float = 300.0  # bound on one client run
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    tokens: list[int]
+    token_times_s: list[float]
+    route: list[str]  # peer ids with spans, as the client reported them
+    hops: list[Host] = field(default_factory=list)  # the hosts those peers live on, in route order
+
+    @property
+    def first_token_ms(self) -> float:
+        return 1000 * self.token_times_s[0] if self.token_times_s else float("nan")
+
+    @property
+    def step_ms(self) -> list[float]:
+        """Decode steps after the first token (the first one also pays for the prefill)."""
+        times = self.token_times_s
+        return [1000 * (later - earlier) for earlier, later in itertools.pairwise(times)]
+
+    @property
+    def ms_per_token(self) -> float:
+        steps = self.step_ms
+        return statistics.fmean(steps) if steps else float("nan")
+
+    @property
+    def floor_ms(self) -> float:
+        """One round trip per hop: no decode step through this route can take less."""
+        return sum(host.rtt_ms for host in self.hops)
+
+    def describe_route(self) -> str:
+        parts = []
+        for hop, host in zip(self.route, self.hops, strict=False):
+            span = hop[hop.index("[") :] if "[" in hop else ""
+            parts.append(f"{host.role}{span} {host.address} (rtt {host.rtt_ms:g} ms)")
+        return " -> ".join(parts) if parts else " -> ".join(self.route)
+
+
+class Testbed:
+    """Hosts, links and processes of one run. ``start`` builds everything; ``close`` removes it all."""
+
+    __test__ = False
+
+    def __init__(self, config: TestbedConfig):
+        if not config.spans:
+            raise ValueError("a testbed needs at least one peer span")
+        self.config = config
+        self.profile: NetProfile = get_profile(config.profile)
+        self.run_id = new_run_id()
+        self.log_dir = Path(config.log_dir) if config.log_dir else None
+        rtts = self.profile.hop_rtts(len(config.spans), config.seed)
+        roles = ["boot", *[f"p{index}" for index in range(len(config.spans))], "client"]
+        self.hosts = plan_hosts(self.run_id, roles, {f"p{i}": rtt for i, rtt in enumerate(rtts)}, config.subnet)
+        self.network = Network(self.run_id, self.hosts, self.profile, emulation=config.emulation)
+        self.processes: list[HostProcess] = []
+        self.peers: list[HostProcess] = []
+        self.initial_peers: list[str] = []
+        self._closed = False
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self) -> Testbed:
+        """Builds the network and starts every process; on any failure removes what it made and raises."""
+        try:
+            with _signals_as_interrupts():
+                self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        removed = sweep_stale()
+        if removed:
+            logger.warning("removed %d leftover namespaces of earlier testbed runs", len(removed))
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="brigade-testbed-"))
+        self.network.create()
+        boot = self.network.host("boot")
+        bootstrap = self._spawn(boot, "bootstrap", ["-m", "brigade", "dht", "--listen",
+                                                    f"/ip4/{boot.address}/tcp/{DHT_PORT}"])
+        info = bootstrap.wait_ready(DHT_READY, self.config.start_timeout_s)
+        self.initial_peers = [str(maddr) for maddr in info["maddrs"]]  # type: ignore[union-attr]
+        proxies = [] if self.network.netem else [self._start_proxy(host) for host in self._peer_hosts()]
+        self.peers = [self._start_peer(host, span) for host, span in zip(self._peer_hosts(), self.config.spans,
+                                                                          strict=True)]
+        for proxy in proxies:
+            proxy.wait_ready(PROXY_READY, self.config.start_timeout_s)
+        for peer in self.peers:
+            peer.wait_ready(PEER_READY, self.config.start_timeout_s)
+        logger.info("testbed %s ready: %d peers, logs in %s", self.run_id, len(self.peers), self.log_dir)
+
+    def _peer_hosts(self) -> list[Host]:
+        return [host for host in self.hosts if host.role.startswith("p")]
+
+    def _spawn(self, host: Host, name: str, args: list[str], threads: int | None = None) -> HostProcess:
+        assert self.log_dir is not None
+        launched = spawn(host, name, args, self.log_dir, threads)
+        self.processes.append(launched)
+        return launched
+
+    def _start_proxy(self, host: Host) -> HostProcess:
+        link = self.profile.link(host.rtt_ms)
+        return self._spawn(host, f"proxy-{host.role}", [
+            "-m", "brigade.deploy.delay_proxy", f"127.0.0.1:{BACKEND_PORT}",
+            "--listen", f"{host.address}:{PEER_PORT}",
+            "--delay-ms", f"{link.delay_ms:g}", "--jitter-ms", f"{link.jitter_ms:g}",
+            "--stall-rate", f"{link.stall_rate_per_s:g}", "--stall-ms", f"{link.stall_ms:g}",
+        ])
+
+    def _start_peer(self, host: Host, span: tuple[int, int]) -> HostProcess:
+        if self.network.netem:
+            bind = ["--host", host.address, "--port", str(PEER_PORT)]
+        else:
+            bind = ["--host", "127.0.0.1", "--port", str(BACKEND_PORT),
+                    "--announce-host", host.address, "--announce-port", str(PEER_PORT)]
+        args = ["-m", "brigade", "peer", "run", self.config.model, "--layers", f"{span[0]}:{span[1]}",
+                *bind, "--dht-listen", f"/ip4/{host.address}/tcp/{DHT_PORT}",
+                "--num-threads", str(self.config.peer_threads), *self.config.peer_args]
+        for maddr in self.initial_peers:
+            args += ["--initial-peers", maddr]
+        return self._spawn(host, f"peer-{host.role}", args, self.config.peer_threads)
+
+    # -- generate ------------------------------------------------------------------------------
+    def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,
+                 mode: str = "client") -> GenerationResult:
+        """Runs the client on the client host once and returns its tokens, timings and route."""
+        if not self.peers:
+            raise RuntimeError("start the testbed first")
+        args = ["-m", "brigade.deploy.testbed.client", self.config.model, "--new-tokens", str(new_tokens),
+                "--mode", mode]
+        if prompt_ids is not None:
+            args += ["--prompt-ids", ",".join(str(token) for token in prompt_ids)]
+        elif prompt is not None:
+            args += ["--prompt", prompt]
+        else:
+            raise ValueError("give prompt_ids or prompt")
+        for maddr in self.initial_peers:
+            args += ["--initial-peers", maddr]
+        with _signals_as_interrupts():
+            client = self._spawn(self.network.host("client"), f"client-{len(self.processes)}", args)
+            try:
+                client.process.wait(self.config.generate_timeout_s)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                raise TimeoutError(f"the client did not finish within {self.config.generate_timeout_s:.0f} s:\n"
+                                   f"{client.log_tail()}") from None
+        lines = [line for line in client.log_path.read_text(errors="replace").splitlines()
+                 if line.startswith(RESULT_MARK + " ")]
+        if client.process.returncode != 0 or not lines:
+            raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
+        data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
+        result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"])
+        by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
+        result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
+        return result
+
+    # -- close ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops every process and deletes every namespace; safe to call twice, and under Ctrl-C."""
+        if self._closed:
+            return
+        with _signals_deferred():
+            stop_all(self.processes)
+            self.network.close()
+            self._closed = True
+
+    def __enter__(self) -> Testbed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C, so ``close`` runs for both (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Cleanup is not cut short by a second Ctrl-C; the signal arrives once it is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
