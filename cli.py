@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 
+from brigade.client.api.cli import serve
 from brigade.client.cli import generate
 from brigade.demo import demo
 from brigade.peer.cli import app as peer_app
@@ -25,3 +26,4 @@ app.add_typer(peer_app, name="peer")
 app.command()(dht)
 app.command()(generate)
 app.command()(demo)
+app.command()(serve)
