@@ -333,7 +333,13 @@ class DistributedModelForCausalLM:
                 if hidden is None:
                     break
         finally:
-            await session.close()
+            # A cancel arriving mid-close must not leave some hops open (each holds cache on its peer).
+            closing = asyncio.ensure_future(session.close())
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing
+                raise
 
     def close(self) -> None:
         try:

@@ -103,6 +103,13 @@ class _Reply:
         self.created = int(time.time())
         self.model_id = model_id
         self.object = "chat.completion" if chat else "text_completion"
+        self._began = time.monotonic()
+
+    def log_done(self, job: Job, how: str) -> None:
+        usage = job.usage()
+        logger.info("%s %s: %d prompt + %d completion tokens in %.2f s (%s)", self.id, how, usage["prompt_tokens"],
+                    usage["completion_tokens"], time.monotonic() - self._began,
+                    ",".join(sorted(set(job.finish_reasons.values()))) or "unfinished")
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_id,
@@ -120,6 +127,7 @@ class _Reply:
                                 "logprobs": None, "finish_reason": reason})
             else:
                 choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+        self.log_done(job, "answered")
         return {**self._envelope(self.object, choices), "usage": job.usage()}
 
     def _chunk(self, index: int, text: str | None, finish: str | None, usage: bool, role: bool = False) -> str:
@@ -147,7 +155,9 @@ class _Reply:
             if include_usage:
                 yield _sse({**self._envelope(f"{self.object}.chunk" if self.chat else self.object, []),
                             "usage": job.usage()})
+            self.log_done(job, "streamed")
         except ApiError as error:
+            logger.info("%s failed: %s", self.id, error.message)
             yield _sse(error.body())
         except Exception as error:  # headers are sent: the error can only travel as an event
             logger.exception("a streamed generation failed")

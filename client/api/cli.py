@@ -66,6 +66,8 @@ def run_server(config: Any, model: str | None, initial_peers: list[str], *, mode
     # Until uvicorn takes the signals over, SIGTERM unwinds like Ctrl-C so the local swarm is stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     model_path = model or str(DEFAULT_MODEL_DIR)
+    if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s without --api-key: anyone who can reach it can use the swarm", config.host)
     with ExitStack() as stack:
         listener = _listen(config.host, config.port)  # a taken port fails now, not after minutes of loading
         stack.callback(listener.close)

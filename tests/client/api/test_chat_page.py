@@ -26,6 +26,17 @@ RECORD_ANSWERS = """() => {
   }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
 }"""
 
+STOP_ON_FIRST_TEXT = """() => {
+  const observer = new MutationObserver(() => {
+    const bodies = document.querySelectorAll('.message.assistant .body');
+    if (bodies.length === 2 && bodies[1].textContent.length > 0) {
+      observer.disconnect();
+      document.getElementById('stop').click();
+    }
+  });
+  observer.observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
@@ -64,12 +75,14 @@ def test_chat_page_streams_an_answer(default_server: dict) -> None:
         page.screenshot(path=str(screenshot_path("chat_page.png")), full_page=True)
 
         # Stop mid-answer: the page closes the connection and the server ends the request at once.
+        # Greedy, so the answer is long (this model loops rather than ending); Stop is clicked from
+        # inside the page on the first piece of text, before the answer can finish.
         page.click("#toggle-settings")
         page.fill("#max-tokens", "400")
+        page.fill("#temperature", "0")
         page.fill("#prompt", "now write a class for it")
+        page.evaluate(STOP_ON_FIRST_TEXT)
         page.click("#send")
-        page.wait_for_function("document.querySelectorAll('.message.assistant .body')[1]?.textContent.length > 0")
-        page.click("#stop")
         page.wait_for_selector(".message.assistant:nth-of-type(4)[data-done='true']")
         assert "stopped" in (page.text_content(".message.assistant:nth-of-type(4) .stats") or "")
         deadline = time.monotonic() + 5
