@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 
+from brigade.client.api.cli import serve
 from brigade.client.cli import generate
 from brigade.dashboard.cli import dashboard, swarm_app
 from brigade.demo import demo
@@ -28,3 +29,4 @@ app.command()(generate)
 app.command()(demo)
 app.command()(dashboard)
 app.add_typer(swarm_app, name="swarm")
+app.command()(serve)

@@ -7,8 +7,11 @@ padding, EOS handling) so the same call gives the same tokens.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -33,6 +36,12 @@ from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
 from brigade.protocol.tokens import make_token
 
 logger = logging.getLogger(__name__)
+
+# How long ``astream``'s session waits for its consumer to take the next token before giving up
+# (a consumer that vanished without closing): the peers' idle-session expiry is of the same order.
+HANDOFF_TIMEOUT_S = 300.0
+# Bound on waiting for an abandoned ``astream`` session to close on every hop.
+CLOSE_TIMEOUT_S = 15.0
 
 
 def left_pad_lengths(attention_mask: torch.Tensor) -> list[int]:
@@ -64,6 +73,8 @@ class DistributedModelForCausalLM:
         self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
         self._loop = LoopThread()
         self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
+        # astream's embeddings, LM head and sampling: off every event loop, one thread (threads start lazily).
+        self._head_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brigade-head")
 
     @classmethod
     def from_pretrained(
@@ -211,17 +222,178 @@ class DistributedModelForCausalLM:
         finally:
             run(session.close(), 10.0)
 
+    async def astream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        prefetch: int = 2,
+    ) -> AsyncIterator[torch.Tensor]:
+        """``stream`` for async code, from any event loop: yields each step's new tokens [B].
+
+        The session runs on the model's own loop (where its gRPC channels live) and hands tokens
+        over a queue of ``prefetch`` steps, so decoding runs a little ahead of a slow consumer but
+        never far. When the consumer stops early (``break``, ``aclose``) or is cancelled, the
+        session is closed on every hop before this generator finishes, so peers free its cache at
+        once. Many ``astream`` calls may run at the same time, each with its own session;
+        ``generator`` gives a call its own sampling random stream. ``last_route`` and
+        ``last_events`` are not updated: they mean nothing with concurrent calls.
+        """
+        if max_new_tokens < 1:
+            return
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        pads = left_pad_lengths(mask)
+        defaults = self.generation_config
+        params = SamplingParams(
+            do_sample=bool(defaults.do_sample if do_sample is None else do_sample),
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_k=defaults.top_k if top_k is None else top_k,
+            top_p=defaults.top_p if top_p is None else top_p,
+        )
+        eos = _as_list(defaults.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else defaults.pad_token_id
+        if pad is None and eos:
+            pad = eos[0]
+        decoder = _StepDecoder(self.head, TokenChooser(params, generator), input_ids, eos, pad)
+
+        consumer_loop = asyncio.get_running_loop()
+        handoff: asyncio.Queue[torch.Tensor | _Finished] = asyncio.Queue(maxsize=max(1, prefetch))
+        closed: asyncio.Future[None] = consumer_loop.create_future()
+        gone = threading.Event()  # the consumer stopped: a second way to stop the producer, should a cancel be lost
+
+        async def deliver(item: torch.Tensor | _Finished) -> None:  # on the model's loop
+            if gone.is_set():
+                raise _ConsumerGone
+            put = asyncio.run_coroutine_threadsafe(handoff.put(item), consumer_loop)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(HANDOFF_TIMEOUT_S):
+                await asyncio.wrap_future(put)
+
+        def mark_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        async def produce() -> None:  # on the model's loop
+            try:
+                session = InferenceSession(self.swarm, self.bans, input_ids.shape[0],
+                                           input_ids.shape[1] + max_new_tokens, pads)
+                await self._run_session(session, decoder, max_new_tokens, deliver)
+                await deliver(_Finished(None))
+            except _ConsumerGone:
+                pass
+            except Exception as error:
+                try:
+                    await deliver(_Finished(error))
+                except Exception:
+                    logger.warning("astream consumer went away before its error could be handed over: %s", error)
+            finally:
+                try:
+                    consumer_loop.call_soon_threadsafe(mark_closed)
+                except RuntimeError:  # the consumer's loop is gone: nobody waits for this
+                    pass
+
+        producer = asyncio.run_coroutine_threadsafe(produce(), self._loop.loop)
+        try:
+            while True:
+                item = await handoff.get()
+                if isinstance(item, _Finished):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            gone.set()
+            producer.cancel()  # no-op when it already finished
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.shield(closed)
+            except TimeoutError:
+                logger.warning("an astream session did not close within %.0f s", CLOSE_TIMEOUT_S)
+
+    async def _run_session(
+        self, session: InferenceSession, decoder: _StepDecoder, max_new_tokens: int,
+        deliver: Callable[[torch.Tensor], Awaitable[None]],
+    ) -> None:
+        """astream's step loop on the model's loop; the head's compute goes to its own thread."""
+        loop = asyncio.get_running_loop()
+        await session.open()
+        try:
+            hidden = await loop.run_in_executor(self._head_executor, decoder.embed_prompt)
+            for _ in range(max_new_tokens):
+                out = await session.step(hidden)
+                tokens, hidden = await loop.run_in_executor(self._head_executor, decoder.advance, out)
+                await deliver(tokens)
+                if hidden is None:
+                    break
+        finally:
+            # A cancel arriving mid-close must not leave some hops open (each holds cache on its peer).
+            closing = asyncio.ensure_future(session.close())
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing
+                raise
+
     def close(self) -> None:
         try:
             self._loop.run(self.swarm.close(), 30.0)
         finally:
             self._loop.close()
+            self._head_executor.shutdown(wait=False)
 
     def __enter__(self) -> DistributedModelForCausalLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ConsumerGone(Exception):
+    """The astream consumer stopped; its producer ends (closing its session) instead of delivering."""
+
+
+class _Finished:
+    """The end of an astream hand-off: normal (``error`` None) or with the error to raise."""
+
+    def __init__(self, error: Exception | None):
+        self.error = error
+
+
+class _StepDecoder:
+    """From one step's last-hop output to the next tokens and their embeddings, as ``stream`` does."""
+
+    def __init__(self, head: Any, choose: TokenChooser, input_ids: torch.Tensor, eos: list[int], pad: int | None):
+        self.head = head
+        self.choose = choose
+        self.sequences = input_ids
+        self.eos = eos
+        self.eos_ids = torch.tensor(eos)
+        self.pad = pad
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+
+    def embed_prompt(self) -> torch.Tensor:
+        return self.head.embed(self.sequences)
+
+    def advance(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The new tokens [B], and the next step's input [B, 1, H] (None once every row is finished)."""
+        tokens = self.choose(self.sequences, self.head.logits(out[:, -1]))
+        if self.eos:
+            tokens = torch.where(self.unfinished, tokens, torch.full_like(tokens, self.pad))
+            self.unfinished &= ~torch.isin(tokens, self.eos_ids)
+        self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=1)
+        if not bool(self.unfinished.any()):
+            return tokens, None
+        return tokens, self.head.embed(tokens[:, None])
 
 
 def _describe(route: list[Any]) -> list[str]:

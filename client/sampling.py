@@ -34,8 +34,9 @@ class SamplingParams:
 
 
 class TokenChooser:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None = None):
         self.params = params
+        self.generator = generator  # a request's own random stream (None: torch's global one, as transformers)
         warpers = LogitsProcessorList()
         if params.do_sample:
             if params.temperature is not None and params.temperature != 1.0:
@@ -51,4 +52,4 @@ class TokenChooser:
         if not self.params.do_sample:
             return logits.argmax(dim=-1)
         scores = self._warpers(input_ids, logits)
-        return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=self.generator).squeeze(1)

@@ -12,6 +12,7 @@ EXPECTED_OPTIONS = {
     ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory"],
     ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p"],
     ("demo",): ["--prompt", "--peers", "--max-new-tokens"],
+    ("serve",): ["--initial-peers", "--host", "--port", "--api-key"],
 }
 
 

@@ -149,6 +149,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):  # -> tokenizers.Tokeniz
     return tok
 
 
+# The model only ever saw Python source: a conversation becomes Python comments and the answer is
+# the code that follows (assistant turns are kept as code), so `brigade serve` can chat with it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ message['content'] + '\\n' }}{% else %}{{ '# ' + message['content'].replace('\\n', '\\n# ') + '\\n' }}"
+    "{% endif %}{% endfor %}"
+)
+
+
 def wrap_tokenizer(tok, max_positions: int):  # -> transformers.PreTrainedTokenizerFast
     """Wrap the raw tokenizer so ``AutoTokenizer.from_pretrained`` returns it with special tokens set."""
     from transformers import PreTrainedTokenizerFast
@@ -160,6 +169,7 @@ def wrap_tokenizer(tok, max_positions: int):  # -> transformers.PreTrainedTokeni
         pad_token=PAD,
         model_max_length=max_positions,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
