@@ -202,19 +202,27 @@ class _Search:
 
 
 def _prepare(usable: list[PeerRecord], end: int, costs: RouteCosts) -> _Search:
-    ids = {peer.peer_id: index for index, peer in enumerate(usable)}
-    rtt = np.array([max(costs.rtt_ms.get(p.peer_id, costs.default_rtt_ms), _MIN_MS) for p in usable])
-    penalty = np.array([
-        costs.cache_penalty_ms if costs.cache_tokens > 0 and p.free_cache_tokens < costs.cache_tokens else 0.0
-        for p in usable
-    ])
+    default_rtt = costs.default_rtt_ms
+    rtt = np.maximum(np.array([costs.rtt_ms.get(p.peer_id, default_rtt) for p in usable], dtype=float), _MIN_MS)
+    free = np.array([p.free_cache_tokens for p in usable], dtype=np.int64)
+    short = (free < costs.cache_tokens) if costs.cache_tokens > 0 else np.zeros(len(usable), dtype=bool)
+    penalty = np.where(short, costs.cache_penalty_ms, 0.0)
     edges = None
     if costs.forwarding:
-        triples = [(ids[p.peer_id], ids[target], max(ms, 2 * _MIN_MS) / 2)
-                   for p in usable for target, ms in p.pings.items() if target in ids and target != p.peer_id]
-        if triples:
-            source, target, ms = zip(*triples, strict=True)
-            edges = (np.array(source, dtype=np.int64), np.array(target, dtype=np.int64), np.array(ms, dtype=float))
+        find = {peer.peer_id: index for index, peer in enumerate(usable)}.get
+        source: list[int] = []
+        target: list[int] = []
+        ms: list[float] = []
+        for index, p in enumerate(usable):
+            for other, value in p.pings.items():
+                position = find(other, index)  # unknown peers and itself: skipped
+                if position != index:
+                    source.append(index)
+                    target.append(position)
+                    ms.append(value)
+        if source:
+            one_way = np.maximum(np.array(ms, dtype=float), 2 * _MIN_MS) / 2
+            edges = (np.array(source, dtype=np.int64), np.array(target, dtype=np.int64), one_way)
         enter, link, back = rtt / 2 + penalty, rtt / 2 + penalty, rtt / 2
     else:
         enter, link, back = rtt + penalty, rtt + penalty, np.zeros(len(usable))
