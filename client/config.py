@@ -24,3 +24,9 @@ class ClientConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
     wire_dtype: str = "float32"  # dtype of activations on the wire (float32 keeps results exact)
     dht_startup_timeout_s: float = 30.0  # bound on starting the client's DHT node
+    route_slack: float = 0.05  # next hops within this fraction of the fastest are drawn at random (spreads load)
+    bulk_route_slack: float = 0.25  # the same for throughput-bound work (big batches, long prefills)
+    bulk_batch_size: int = 8  # sessions with this many sequences count as throughput-bound
+    bulk_prefill_tokens: int = 4096  # ... and so do prefills/replays of this many positions (all sequences)
+    route_pings: int = 16  # peers not measured yet that one route search may ping first
+    ping_timeout_s: float = 1.0  # deadline of each of those pings (two calls: connect, then the timed one)

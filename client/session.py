@@ -208,7 +208,11 @@ class InferenceSession:
         self, start: int, end: int, history: torch.Tensor | None, exclude: set[str], fresh: bool, wait_s: float
     ) -> list[HopStream]:
         needed = self.batch_size * self.max_length
-        route = await self.swarm.route(start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed)
+        replayed = 0 if history is None else history.shape[0] * history.shape[1]
+        route = await self.swarm.route(
+            start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed, batch_size=self.batch_size,
+            prefill_tokens=replayed, decode_tokens=self.max_length - self.position, ping_unknown=history is None,
+        )
         streams: list[HopStream] = []
         try:
             replay = history
@@ -284,6 +288,8 @@ class InferenceSession:
         if decode_sized:
             elapsed = time.monotonic() - began
             stream.step_ema_s = elapsed if stream.step_ema_s is None else 0.8 * stream.step_ema_s + 0.2 * elapsed
+            hop = stream.hop  # what the route finder will know of this peer next time
+            self.swarm.latency.observe_step(hop.peer, hop.end - hop.start, elapsed * 1000, result.compute_ms)
         stream.leaving = stream.leaving or result.peer_leaving
         return output
 

@@ -45,6 +45,24 @@ def run(
     announce_period: Annotated[float, typer.Option(help="Seconds between DHT record refreshes.")] = 10.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds a record lives without refresh.")] = 20.0,
     drain_grace: Annotated[float, typer.Option(help="Seconds open sessions may finish on SIGTERM.")] = 20.0,
+    num_layers: Annotated[int | None, typer.Option(
+        help="With --layers auto: how many layers to host (default: as many as fit).")] = None,
+    announce_port: Annotated[int | None, typer.Option(
+        help="Port clients dial, when it differs from --port (a proxy, a NAT mapping).")] = None,
+    throughput: Annotated[str, typer.Option(
+        help="Tokens/s per layer to announce: auto (cached, else measured), eval (measure now), "
+             "or DECODE[:PREFILL] fixed.")] = "auto",
+    throughput_cache: Annotated[str | None, typer.Option(
+        help="File of past throughput measurements (default: ~/.cache/brigade/throughput.json; '' = none).")] = None,
+    ping_period: Annotated[float, typer.Option(
+        help="Seconds between round-trip measurements to the next layers' peers (0 = never).")] = 30.0,
+    rebalance_period: Annotated[float, typer.Option(
+        help="Mean seconds between re-checks of where this peer is most useful (0 = never; auto layers only).")]
+    = 120.0,
+    rebalance_gain: Annotated[float, typer.Option(
+        help="Move only when the swarm's weakest point rises by at least this fraction.")] = 0.02,
+    move_drain: Annotated[float, typer.Option(
+        help="Seconds a moving peer lets open sessions leave before it closes them.")] = 30.0,
 ) -> None:
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -52,6 +70,18 @@ def run(
     if quant not in ("none", "int8", "nf4"):
         raise typer.BadParameter(f"--quant must be none, int8 or nf4, got {quant!r}")
     start, end = (None, None) if layers == "auto" else parse_layers(layers)
+    from brigade.peer.throughput import parse_throughput_option
+
+    try:
+        parse_throughput_option(throughput)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if num_layers is not None and num_layers < 1:
+        raise typer.BadParameter(f"--num-layers must be at least 1, got {num_layers}")
+    if announce_port is not None and not 0 < announce_port < 65536:
+        raise typer.BadParameter(f"--announce-port must be a port number, got {announce_port}")
+    if not 0 <= rebalance_gain < 10:
+        raise typer.BadParameter(f"--rebalance-gain must be in [0, 10), got {rebalance_gain}")
     from brigade.kernels.memory import parse_bytes
 
     try:
@@ -80,6 +110,14 @@ def run(
         announce_period_s=announce_period,
         record_ttl_s=record_ttl,
         drain_grace_s=drain_grace,
+        span_length=num_layers,
+        announce_port=announce_port,
+        throughput=throughput,
+        throughput_cache=throughput_cache,
+        ping_period_s=max(0.0, ping_period),
+        rebalance_period_s=max(0.0, rebalance_period),
+        rebalance_min_gain=rebalance_gain,
+        move_drain_s=max(0.0, move_drain),
     )
     from brigade.peer.server import main
 

@@ -35,6 +35,15 @@ class PeerConfig:
     announce_period_s: float = 10.0  # seconds between record refreshes
     record_ttl_s: float = 20.0  # records expire this long after the last refresh: a dead peer is gone in 2 periods
     drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
+    # Balance (docs/routing.md)
+    span_length: int | None = None  # with auto layers: how many to host; None = as many as fit in memory
+    announce_port: int | None = None  # port clients dial (a proxy's, a NAT mapping); defaults to the bound port
+    throughput: str = "auto"  # tokens/s per layer to announce: auto (cached or measured) | eval | DECODE[:PREFILL]
+    throughput_cache: str | None = None  # JSON file of past measurements; None = the user cache folder, "" = none
+    ping_period_s: float = 30.0  # seconds between round-trip measurements to the next layers' peers; 0 = never
+    rebalance_period_s: float = 120.0  # mean seconds between re-checks (jitter ±50%); 0 = never (auto layers only)
+    rebalance_min_gain: float = 0.02  # a move must raise the swarm's soft-minimum throughput by this fraction
+    move_drain_s: float = 30.0  # a moving peer lets open sessions leave this long, then closes them
 
     @property
     def num_layers(self) -> int:

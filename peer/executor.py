@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -59,6 +60,11 @@ class SpanExecutor:
         began = time.perf_counter()
         out = self.span(self._to_device(hidden), pad_lengths.to(self.device), None, layers)
         return out.to("cpu"), (time.perf_counter() - began) * 1000
+
+    async def run_exclusive(self, work: Callable[[], None]) -> None:
+        """Runs ``work`` on the compute thread once every step queued before it has finished
+        (one worker, first in first out): how a moving peer swaps its span safely."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     def _to_device(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(device=self.device, dtype=self.dtype)

@@ -128,6 +128,8 @@ class SessionManager:
 
         Runs on the event loop (the pool's accounting), before the compute thread grows buffers.
         """
+        if self.sessions.get(session.session_id) is not session:  # closed by the peer (moving to other layers)
+            raise PeerLeavingError("this session was closed: the peer is moving to other layers; reopen it elsewhere")
         if start_position > session.length:
             raise InvalidRequestError(
                 f"step starts at position {start_position} but the session holds {session.length}"

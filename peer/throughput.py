@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from brigade.kernels.cache import KVCache
-from brigade.kernels.llama import LlamaSpan
+from brigade.kernels.llama import LlamaArgs, LlamaSpan
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ def measure(span: LlamaSpan, dtype: torch.dtype, device: str, *, steps: int = 6,
     )
 
 
-def measure_decode_throughput(span: LlamaSpan, dtype: torch.dtype, device: str, steps: int = 4) -> float:
-    """Tokens per second per layer for batch-1 decode steps at a short context (kept for callers)."""
-    return measure(span, dtype, device, steps=steps).decode
-
-
 def hardware_id(device: str) -> str:
     """What the figure depends on besides the model: the device, and on CPU the threads torch uses."""
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -99,8 +94,10 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cache_key(hardware: str, span: LlamaSpan, dtype: torch.dtype, quantization: str) -> str:
-    shape = {key: value for key, value in asdict(span.args).items() if key != "num_layers"}
+def cache_key(hardware: str, args: LlamaArgs, dtype: torch.dtype, quantization: str) -> str:
+    """Everything a per-layer figure depends on: the device, the layer's shape (not the layer count),
+    the dtype, the quantization and the torch build."""
+    shape = {key: value for key, value in asdict(args).items() if key != "num_layers"}
     fields = {"format": FORMAT, "hardware": hardware, "shape": shape, "dtype": str(dtype),
               "quantization": quantization, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -174,17 +171,36 @@ def parse_throughput_option(text: str) -> str | Throughput:
     return Throughput(parts[0], parts[1] if len(parts) == 2 else 0.0)
 
 
+def cache_path_for(option: str | None) -> Path | None:
+    """``--throughput-cache``: None = the default file, "" = no cache, else that file."""
+    if option is None:
+        return default_cache_path()
+    return Path(option).expanduser() if option else None
+
+
+def known_throughput(args: LlamaArgs, dtype: torch.dtype, device: str, quantization: str, option: str,
+                     cache_path: Path | None) -> Throughput | None:
+    """What the peer will announce, if it is known before loading (fixed, or cached): span choice uses it."""
+    chosen = parse_throughput_option(option)
+    if isinstance(chosen, Throughput):
+        return chosen
+    if chosen == "eval" or cache_path is None:
+        return None
+    return ThroughputCache(cache_path).get(cache_key(hardware_id(device), args, dtype, quantization))
+
+
 def self_throughput(span: LlamaSpan, dtype: torch.dtype, device: str, quantization: str, option: str,
                     cache_path: Path | None) -> Throughput:
     """The figures to announce: fixed by ``option``, else cached, else measured (and cached).
 
     ``option`` "eval" measures even when cached; ``cache_path`` None keeps nothing on disk.
+    Blocks while measuring: run it off the event loop.
     """
     chosen = parse_throughput_option(option)
     if isinstance(chosen, Throughput):
         return chosen
     cache = ThroughputCache(cache_path) if cache_path is not None else None
-    key = cache_key(hardware_id(device), span, dtype, quantization)
+    key = cache_key(hardware_id(device), span.args, dtype, quantization)
     if chosen == "auto" and cache is not None and (cached := cache.get(key)) is not None:
         logger.info("throughput from cache: %.1f tokens/s per layer (decode), %.1f (prefill)",
                     cached.decode, cached.prefill)
