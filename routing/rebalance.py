@@ -12,21 +12,29 @@ the best swarm by that order, like Petals' block selection, counting its own rat
 layer divided by its span length) on each layer it would hold.
 
 Rebalancing rule (``plan_move``), run by each peer on its own re-checks:
-- a candidate move takes one peer's span to another start, same length;
-- it must keep every covered layer covered (a peer leaves only layers others also hold), must
-  not lower the weakest layer, and must be a clear gain: cover more layers, or raise the soft
-  minimum by at least ``min_gain`` (relative; 2% by default);
-- of all peers' best candidate moves on the snapshot, only the best one is made (best resulting
-  swarm by the order above, ties by the smaller peer id). Every peer computes the same election
-  on the same snapshot, so two peers never chase one gap together, which is how Petals' swarms
-  oscillate (petals#389: servers deciding on the same view all move, then all move back).
+- a single move takes one peer's span to another start, same length. It must keep every covered
+  layer covered (a peer leaves only layers others also hold), must not lower the weakest layer,
+  and must be a clear gain: cover more layers, or raise the soft minimum by at least
+  ``min_gain`` (relative; 2% by default);
+- of all peers' best moves on the snapshot, only the best one is made (best resulting swarm by
+  the order above, ties to the smaller peer id). Every peer computes the same election on the
+  same snapshot, so two peers never chase one gap together, which is how Petals' swarms
+  oscillate (petals#389: servers deciding on the same view all move, then all move back);
+- small swarms (up to ``REPLAN_MAX_PEERS``) are lumpy: one move at a time can get stuck far
+  from a good arrangement. There the planner also places every peer afresh (``replan``: a few
+  fixed orders, each settled, the best kept) and, when that plan's weakest layer beats what
+  single moves would reach by ``REPLAN_MIN_GAIN`` (10%), the swarm walks to it, one peer at a
+  time, each step keeping every covered layer covered (``replan_move``).
 
-Why it cannot oscillate, and the bound. Take the potential (covered layers, soft minimum). Each
-move raises it strictly: it covers more layers, or keeps the covered set (it may never uncover one,
-so the same count means the same set) and multiplies the soft minimum by at least
-``1 + min_gain``. So no swarm state comes back while membership stays the same: no peer can move
-back and forth. The soft minimum can never exceed ``L ** (1/16)`` times the mean layer total, so
-between two joins/leaves there are at most ``move_bound`` moves (about 20 after a typical leave).
+Why it cannot oscillate, and the bound. Single moves raise the potential (covered layers, soft
+minimum) strictly: they cover more layers, or keep the covered set (a move may never uncover one,
+so the same count means the same set) and multiply the soft minimum by at least ``1 + min_gain``.
+A re-plan depends only on who is in the swarm, not on where they are, so it is the same at every
+step of the walk; each peer moves at most once on it, and after it (or after passing on it) the
+weakest layer is within the margin of the plan's, so it never starts again. Hence, while
+membership stays the same: no swarm state comes back and no peer moves back and forth, and there
+are at most ``P`` re-plan steps (small swarms only) plus ``move_bound`` single moves, about 20
+after a typical leave (the soft minimum never exceeds ``L ** (1/16)`` times the mean layer total).
 """
 
 from __future__ import annotations
