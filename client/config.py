@@ -32,3 +32,9 @@ class ClientConfig:
     verify_window: int = 16  # decode steps per hop that make one window
     allowed_peers: frozenset[str] | None = None  # use only these peer ids (private swarms); None = any
     blocked_peers: frozenset[str] = frozenset()  # never use these peer ids
+    route_slack: float = 0.05  # next hops within this fraction of the fastest are drawn at random (spreads load)
+    bulk_route_slack: float = 0.25  # the same for throughput-bound work (big batches, long prefills)
+    bulk_batch_size: int = 8  # sessions with this many sequences count as throughput-bound
+    bulk_prefill_tokens: int = 4096  # ... and so do prefills/replays of this many positions (all sequences)
+    route_pings: int = 16  # peers not measured yet that one route search may ping first
+    ping_timeout_s: float = 1.0  # deadline of each of those pings (two calls: connect, then the timed one)

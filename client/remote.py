@@ -11,13 +11,15 @@ from typing import Any
 import grpc
 
 from brigade.client.config import ClientConfig
+from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channels import peer_channel
 from brigade.protocol.errors import MissingLayersError
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord
 from brigade.routing.dht import start_dht
-from brigade.routing.route import Hop, find_route
+from brigade.routing.latency import LatencyBook
+from brigade.routing.route import Hop, RouteCosts, find_route
 from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class RemoteSwarm:
         self._records_at = float("-inf")
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        self.latency = LatencyBook()  # what this client measured of each peer (round trips, compute speed)
 
     async def start(self) -> None:
         self._dht = await asyncio.to_thread(
@@ -53,29 +56,39 @@ class RemoteSwarm:
 
     async def route(
         self, start: int, end: int, exclude: Collection[str] | Callable[[], Collection[str]] = (), *,
-        fresh: bool = False, wait_s: float | None = None, cache_tokens: int = 0,
+        fresh: bool = False, wait_s: float | None = None, cache_tokens: int = 0, batch_size: int = 1,
+        prefill_tokens: int = 0, decode_tokens: int = 1, ping_unknown: bool = True, forwarding: bool = False,
     ) -> list[Hop]:
-        """A chain of peers for layers [start, end), waiting up to ``wait_s`` for coverage.
+        """The fastest chain of peers for layers [start, end), waiting up to ``wait_s`` for coverage.
 
         ``fresh`` reads the DHT now instead of reusing a recent view (after a failure, say). Peers
-        that announced less free cache than ``cache_tokens`` are avoided when others can serve.
+        that announced less free cache than ``cache_tokens`` are used only when nothing else serves
+        their layers. ``batch_size``, ``prefill_tokens`` (positions to replay or prefill, all
+        sequences) and ``decode_tokens`` (steps expected) describe the work: latency-bound work
+        takes the fastest chain, throughput-bound work spreads over near-equal ones. Peers not
+        measured yet that could be on the route are pinged first (``route_pings`` at most) unless
+        ``ping_unknown`` is False (a failover should not wait on pings). ``forwarding``: hops pass
+        activations to each other, so a hop's network cost is the previous peer's announced ping.
         ``exclude`` may be a callable, asked again on every try: a ban that expires while this
         waits makes its peer usable again at once.
         """
         deadline = time.monotonic() + (self.config.route_wait_s if wait_s is None else wait_s)
         max_age_s: float | None = 0.0 if fresh else None
         excluded = exclude if callable(exclude) else (lambda: exclude)
+        bulk = batch_size >= self.config.bulk_batch_size or prefill_tokens >= self.config.bulk_prefill_tokens
+        profile = RouteCosts(
+            batch_size=batch_size, prefill_tokens=prefill_tokens, decode_tokens=max(1, decode_tokens),
+            cache_tokens=cache_tokens, slack=self.config.bulk_route_slack if bulk else self.config.route_slack,
+            forwarding=forwarding,
+        )
         while True:
             exclude = set(excluded())
             records = await self.records(max_age_s)
-            full = {record.peer_id for record in records if record.free_cache_tokens < cache_tokens}
             try:
-                if full:
-                    try:
-                        return find_route(records, start, end, exclude={*exclude, *full})
-                    except MissingLayersError:
-                        pass  # only full peers serve some layers: try them, they may have room by now
-                return find_route(records, start, end, exclude=exclude)
+                route = find_route(records, start, end, exclude=exclude, costs=self.latency.costs(profile))
+                if ping_unknown and await self.measure(records, route, start, end, exclude):
+                    route = find_route(records, start, end, exclude=exclude, costs=self.latency.costs(profile))
+                return route
             except MissingLayersError as error:
                 if time.monotonic() >= deadline:
                     raise MissingLayersError(self.model_name, error.missing) from None
@@ -94,6 +107,46 @@ class RemoteSwarm:
         if config.allowed_peers is not None and record.peer_id not in config.allowed_peers:
             return False
         return bool(record.tls_cert) or config.allow_insecure
+
+    async def measure(
+        self, records: list[PeerRecord], route: list[Hop], start: int, end: int, exclude: Collection[str]
+    ) -> bool:
+        """Pings peers this client has not measured: those on ``route`` first, then others holding
+        its layers, at most ``route_pings``, concurrently, each bounded by ``ping_timeout_s``.
+        True when it learned something (the route is worth finding again)."""
+        limit = self.config.route_pings
+        if limit <= 0:
+            return False
+        excluded = set(exclude)
+        wanted: dict[str, PeerRecord] = {}
+        candidates = [hop.peer for hop in route] + [
+            record for record in records
+            if record.state == "online" and record.start_layer < end and record.end_layer > start
+        ]
+        for record in candidates:
+            if len(wanted) >= limit:
+                break
+            if record.peer_id not in excluded and not self.latency.knows(record.peer_id):
+                wanted.setdefault(record.peer_id, record)
+        if not wanted:
+            return False
+        results = await asyncio.gather(*(self.ping(record) for record in wanted.values()))
+        return any(result is not None for result in results)
+
+    async def ping(self, record: PeerRecord) -> float | None:
+        """One round trip to ``record``'s peer (``Info`` on a connected channel, ms), noted in ``latency``."""
+        stub = self.stub(record)
+        timeout = self.config.ping_timeout_s
+        try:
+            await stub.Info(pb.InfoRequest(), timeout=timeout)  # connects: not counted
+            began = time.perf_counter()
+            await stub.Info(pb.InfoRequest(), timeout=timeout)
+        except (grpc.RpcError, OSError, TimeoutError) as error:
+            logger.debug("ping of %s at %s failed: %r", record.peer_id, record.address, error)
+            return None
+        ms = (time.perf_counter() - began) * 1000
+        self.latency.observe_rtt(record.peer_id, ms)
+        return ms
 
     def stub(self, record: PeerRecord) -> pb_grpc.PeerStub:
         """A stub on a channel pinned to ``record``'s certificate (one channel per address and certificate)."""

@@ -228,7 +228,7 @@ class InferenceSession:
                         yield position, output
                     if decode_sized:
                         reference = previous_at if previous_at is not None else (sent_at[0] if sent_at else arrived)
-                        self._observe(stream, arrived - reference)
+                        self._observe(stream, arrived - reference, result.compute_ms)
                     previous_at = arrived
                     covered += result.positions
             await sender
@@ -269,9 +269,10 @@ class InferenceSession:
             return max(self.config.decode_timeout_floor_s, self.config.decode_timeout_factor * stream.step_ema_s)
         return self.config.step_timeout_s
 
-    @staticmethod
-    def _observe(stream: HopStream, elapsed: float) -> None:
+    def _observe(self, stream: HopStream, elapsed: float, compute_ms: float) -> None:
         stream.step_ema_s = elapsed if stream.step_ema_s is None else 0.8 * stream.step_ema_s + 0.2 * elapsed
+        hop = stream.hop  # what the route finder will know of this peer next time
+        self.swarm.latency.observe_step(hop.peer, hop.end - hop.start, elapsed * 1000, compute_ms)
 
     # -- recovery ----------------------------------------------------------------------------------
     def _find(self, hop: Hop) -> int | None:
@@ -406,8 +407,13 @@ class InferenceSession:
     ) -> list[HopStream]:
         """Opens a chain over [start, end) and replays ``history`` through it (client-driven), unlinked."""
         needed = self.batch_size * self.max_length
-        route = await self.swarm.route(start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed)
         forwarding = self.config.forwarding
+        replayed = 0 if history is None else history.shape[0] * history.shape[1]
+        route = await self.swarm.route(
+            start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed, batch_size=self.batch_size,
+            prefill_tokens=replayed, decode_tokens=self.max_length - self.position, ping_unknown=history is None,
+            forwarding=forwarding,
+        )
         session_ids = [new_session_id() for _ in route]
         link_now = forwarding and history is None  # a fresh chain can be linked at open; a replayed one after
         opens = []

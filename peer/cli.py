@@ -54,6 +54,22 @@ def run(
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one batched pass may compute.")] = 2048,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill chunk size (pipelining, fairness).")] = 512,
     batch_window_ms: Annotated[float, typer.Option(help="Longest wait for other sessions' steps to batch.")] = 2.0,
+    num_layers: Annotated[int | None, typer.Option(
+        help="With --layers auto: how many layers to host (default: as many as fit).")] = None,
+    throughput: Annotated[str, typer.Option(
+        help="Tokens/s per layer to announce: auto (cached, else measured), eval (measure now), "
+             "or DECODE[:PREFILL] fixed.")] = "auto",
+    throughput_cache: Annotated[str | None, typer.Option(
+        help="File of past throughput measurements (default: ~/.cache/brigade/throughput.json; '' = none).")] = None,
+    ping_period: Annotated[float, typer.Option(
+        help="Seconds between round-trip measurements to the next layers' peers (0 = never).")] = 30.0,
+    rebalance_period: Annotated[float, typer.Option(
+        help="Mean seconds between re-checks of where this peer is most useful (0 = never; auto layers only).")]
+    = 120.0,
+    rebalance_gain: Annotated[float, typer.Option(
+        help="Move only when the swarm's weakest point rises by at least this fraction.")] = 0.02,
+    move_drain: Annotated[float, typer.Option(
+        help="Seconds a moving peer lets open sessions leave before it closes them.")] = 30.0,
 ) -> None:
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -61,6 +77,18 @@ def run(
     if quant not in ("none", "int8", "nf4"):
         raise typer.BadParameter(f"--quant must be none, int8 or nf4, got {quant!r}")
     start, end = (None, None) if layers == "auto" else parse_layers(layers)
+    from brigade.peer.throughput import parse_throughput_option
+
+    try:
+        parse_throughput_option(throughput)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if num_layers is not None and num_layers < 1:
+        raise typer.BadParameter(f"--num-layers must be at least 1, got {num_layers}")
+    if announce_port is not None and not 0 < announce_port < 65536:
+        raise typer.BadParameter(f"--announce-port must be a port number, got {announce_port}")
+    if not 0 <= rebalance_gain < 10:
+        raise typer.BadParameter(f"--rebalance-gain must be in [0, 10), got {rebalance_gain}")
     from brigade.kernels.memory import parse_bytes
 
     try:
@@ -105,6 +133,13 @@ def run(
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
         batch_window_ms=batch_window_ms,
+        span_length=num_layers,
+        throughput=throughput,
+        throughput_cache=throughput_cache,
+        ping_period_s=max(0.0, ping_period),
+        rebalance_period_s=max(0.0, rebalance_period),
+        rebalance_min_gain=rebalance_gain,
+        move_drain_s=max(0.0, move_drain),
     )
     from brigade.peer.server import main
 

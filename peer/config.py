@@ -46,6 +46,14 @@ class PeerConfig:
     prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
     batch_window_ms: float = 2.0  # longest a ready step waits for other busy sessions' steps to join its batch
     forward_timeout_s: float = 10.0  # deadline for reaching the next hop when forwarding
+    # Balance (docs/routing.md)
+    span_length: int | None = None  # with auto layers: how many to host; None = as many as fit in memory
+    throughput: str = "auto"  # tokens/s per layer to announce: auto (cached or measured) | eval | DECODE[:PREFILL]
+    throughput_cache: str | None = None  # JSON file of past measurements; None = the user cache folder, "" = none
+    ping_period_s: float = 30.0  # seconds between round-trip measurements to the next layers' peers; 0 = never
+    rebalance_period_s: float = 120.0  # mean seconds between re-checks (jitter ±50%); 0 = never (auto layers only)
+    rebalance_min_gain: float = 0.02  # a move must raise the swarm's soft-minimum throughput by this fraction
+    move_drain_s: float = 30.0  # a moving peer lets open sessions leave this long, then closes them
 
     @property
     def num_layers(self) -> int:

@@ -12,10 +12,12 @@ sessions decoding in step share passes instead of queueing behind each other.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +28,29 @@ from brigade.peer.scheduler import WorkItem, plan_batch
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+class _Exclusive:
+    """Work for the compute thread that must run alone, after everything queued before it."""
+
+    def __init__(self, work: Callable[[], None], loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]):
+        self.work, self.loop, self.done = work, loop, done
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as error:  # handed to the awaiting coroutine
+            self.loop.call_soon_threadsafe(self._fail, error)
+        else:
+            self.loop.call_soon_threadsafe(self._finish)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class SpanExecutor:
@@ -48,6 +73,7 @@ class SpanExecutor:
         self._inbox: queue.SimpleQueue[WorkItem | object] = queue.SimpleQueue()
         self._ready: list[WorkItem] = []
         self._last_pass_sessions: set[object] = set()
+        self._exclusive: _Exclusive | None = None
         self.passes = 0  # counters for tests and the throughput benchmark
         self.batched_items = 0
         self._thread = threading.Thread(target=self._run, name="span-compute", daemon=True)
@@ -63,6 +89,14 @@ class SpanExecutor:
         self.start()
         self._inbox.put(item)
 
+    async def run_exclusive(self, work: Callable[[], None]) -> None:
+        """Runs ``work`` on the compute thread once every step queued before it has finished: how a
+        moving peer swaps its span without a step ever seeing half of it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self.submit(_Exclusive(work, loop, done))  # type: ignore[arg-type]
+        await done
+
     def to_device(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(device=self.device, dtype=self.dtype)
 
@@ -71,30 +105,43 @@ class SpanExecutor:
         if self._num_threads:
             torch.set_num_threads(self._num_threads)
         while True:
-            if not self._ready:
-                got = self._inbox.get()
-                if got is _STOP:
-                    return
-                self._ready.append(got)  # type: ignore[arg-type]
+            if not self._ready and self._exclusive is None and not self._take(self._inbox.get()):
+                return
             if not self._drain_inbox():
                 return
-            self._wait_for_company()
-            plan = plan_batch(self._ready, self.max_batch_tokens)
-            try:
-                self._run_plan(plan)
-            except Exception:  # a bug in one pass must not kill the thread
-                logger.exception("a compute pass failed")
-            self._ready = [item for item in self._ready if item.remaining > 0]
+            if self._ready:
+                if self._exclusive is None:
+                    self._wait_for_company()
+                plan = plan_batch(self._ready, self.max_batch_tokens)
+                try:
+                    self._run_plan(plan)
+                except Exception:  # a bug in one pass must not kill the thread
+                    logger.exception("a compute pass failed")
+                self._ready = [item for item in self._ready if item.remaining > 0]
+            elif self._exclusive is not None:  # everything queued before it is done
+                exclusive, self._exclusive = self._exclusive, None
+                exclusive.run()
+
+    def _take(self, got: object) -> bool:
+        """Files one inbox entry; False means stop."""
+        if got is _STOP:
+            return False
+        if isinstance(got, _Exclusive):
+            self._exclusive = got
+        else:
+            self._ready.append(got)  # type: ignore[arg-type]
+        return True
 
     def _drain_inbox(self) -> bool:
-        while True:
+        """Takes whatever is queued, up to the next exclusive task (work after it waits for it)."""
+        while self._exclusive is None:
             try:
                 got = self._inbox.get_nowait()
             except queue.Empty:
                 return True
-            if got is _STOP:
+            if not self._take(got):
                 return False
-            self._ready.append(got)  # type: ignore[arg-type]
+        return True
 
     def _wait_for_company(self) -> None:
         """Waits (bounded) for sessions that decoded in the last pass but have no step ready yet."""
@@ -114,8 +161,8 @@ class SpanExecutor:
                 got = self._inbox.get(timeout=remaining)
             except queue.Empty:
                 return
-            if got is _STOP:
-                self._inbox.put(_STOP)
+            if got is _STOP or isinstance(got, _Exclusive):
+                self._inbox.put(got)  # handled by the main loop (it may reorder only behind this wait)
                 return
             self._ready.append(got)  # type: ignore[arg-type]
 
@@ -154,10 +201,8 @@ class SpanExecutor:
             if cache is not None and item.done == 0:
                 if item.start_position < cache.length:
                     cache.truncate(item.start_position)
-                    if session.outputs is not None:
-                        session.outputs.truncate(item.start_position)
                 cache.grow(item.capacity)
-            chunk = item.hidden[:, item.done : item.done + positions]
+            chunk = self.to_device(item.hidden[:, item.done : item.done + positions])
             segments.append(Segment(chunk, item.pad_lengths, cache))
             if item.started_at is None:
                 item.started_at = time.perf_counter()

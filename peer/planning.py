@@ -27,15 +27,20 @@ def budget_and_overhead(config: PeerConfig) -> tuple[int, int]:
     return budget, overhead
 
 
-def resolve_span(config: PeerConfig, model_config: Any, records: list[PeerRecord]) -> tuple[PeerConfig, SpanPlan]:
-    """The config with its span and cache size decided, and the plan that decided them."""
+def resolve_span(
+    config: PeerConfig, model_config: Any, records: list[PeerRecord], *, throughput: float | None = None
+) -> tuple[PeerConfig, SpanPlan]:
+    """The config with its span and cache size decided, and the plan that decided them.
+
+    ``throughput`` (tokens/s per layer, when known before loading) weighs this peer in span choice.
+    """
     args = model_args(model_config)
     dtype_bytes = COMPUTE_DTYPES[config.dtype].itemsize
     budget, overhead = budget_and_overhead(config)
     if config.start_layer is None or config.end_layer is None:
         plan = plan_span(args, budget, dtype_bytes, config.quantization, cache_share=config.cache_share,
-                         overhead_bytes=overhead)
-        start, end = choose_span(records, args.num_layers, plan.num_layers)
+                         overhead_bytes=overhead, max_layers=config.span_length)
+        start, end = choose_span(records, args.num_layers, plan.num_layers, throughput=throughput)
     else:
         start, end = config.start_layer, config.end_layer
         count = end - start

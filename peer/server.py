@@ -7,20 +7,25 @@ import json
 import logging
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
 from brigade import __version__
+from brigade.kernels.llama import LlamaArgs
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
 from brigade.peer.launcher import PEER_READY
+from brigade.peer.mover import SpanMover, Unloaded
+from brigade.peer.pings import NextHopPings
 from brigade.peer.planning import resolve_span
+from brigade.peer.rebalancer import Rebalancer
 from brigade.peer.servicer import PeerServicer
 from brigade.peer.sessions import SessionManager
-from brigade.peer.throughput import measure_decode_throughput
+from brigade.peer.throughput import cache_path_for, known_throughput, self_throughput
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channel_options import grpc_options
 from brigade.protocol.identity import Identity
@@ -42,6 +47,8 @@ class PeerServer:
         self.identity: Identity | None = None
         self.model_name = config.model_name or model_name_for(config.model)
         self.throughput = 0.0
+        self.prefill_throughput = 0.0
+        self.auto_span = config.start_layer is None  # chosen from the swarm, so it may move
         self.address = ""
         self.started_at = 0.0
         self._server: grpc.aio.Server | None = None
@@ -52,12 +59,17 @@ class PeerServer:
         self._executor: SpanExecutor | None = None
         self._servicer: PeerServicer | None = None
         self.tls: TlsIdentity | None = None
+        self._model_config: Any = None
+        self._pings: NextHopPings | None = None
+        self._rebalancer: Rebalancer | None = None
+        self._loops: list[asyncio.Task[None]] = []  # pings and rebalancing, cancelled on drain/close
 
     async def start(self) -> None:
         config = self.config
         self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
         dtype = COMPUTE_DTYPES[config.dtype]
         model_config = load_config(config.model, config.revision)
+        self._model_config = model_config
         num_layers = model_config.num_hidden_layers
         if config.start_layer is not None and not 0 <= config.start_layer < (config.end_layer or 0) <= num_layers:
             raise ValueError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers}")
@@ -66,21 +78,19 @@ class PeerServer:
             None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen)
         )
         records = await fetch_records(self._dht, self.model_name) if config.start_layer is None else []
-        config, plan = resolve_span(config, model_config, records)
+        cache_path = cache_path_for(config.throughput_cache)
+        known = known_throughput(LlamaArgs.from_config(model_config), dtype, config.device, config.quantization,
+                                 config.throughput, cache_path)
+        config, plan = resolve_span(config, model_config, records, throughput=known.decode if known else None)
         self.config = config
         print(f"plan: layers {config.start_layer}:{config.end_layer} at {config.dtype}/{config.quantization}: "
               f"{plan.describe()}", flush=True)
-        span = await loop.run_in_executor(
-            None,
-            lambda: quantize_span(
-                load_span(config.model, config.start_layer, config.end_layer, dtype=dtype, device=config.device,
-                          revision=config.revision, config=model_config),
-                config.quantization, config.device,
-            ),
+        assert config.start_layer is not None and config.end_layer is not None
+        span = await self._load_span(config.start_layer, config.end_layer)
+        measured = await loop.run_in_executor(
+            None, self_throughput, span, dtype, config.device, config.quantization, config.throughput, cache_path
         )
-        self.throughput = await loop.run_in_executor(
-            None, measure_decode_throughput, span, dtype, config.device
-        )
+        self.throughput, self.prefill_throughput = measured.decode, measured.prefill
         self._sessions = SessionManager(config, span.args, dtype, config.device)
         self._executor = SpanExecutor(span, dtype, config.device, config.num_threads,
                                       max_batch_tokens=config.max_batch_tokens,
@@ -115,6 +125,70 @@ class PeerServer:
             logger.warning("first announcement failed; retrying in the background")
         self._announce_task = asyncio.create_task(self._announcer.run(), name="announce")
         self._announce_task.add_done_callback(_log_task_failure)
+        self._start_balance_loops(num_layers)
+
+    # -- balance: pings to the next layers' peers, periodic re-checks, moving (docs/routing.md) ------
+    def _start_balance_loops(self, num_layers: int) -> None:
+        config = self.config
+        assert self.identity is not None and self._sessions is not None and self._announcer is not None
+
+        async def read_records() -> list[PeerRecord]:
+            return await fetch_records(self._dht, self.model_name)
+
+        def span() -> tuple[int, int]:
+            assert self.config.start_layer is not None and self.config.end_layer is not None
+            return self.config.start_layer, self.config.end_layer
+
+        if config.ping_period_s > 0:
+            self._pings = NextHopPings(self.identity.peer_id, lambda: span()[1], read_records,
+                                       period_s=config.ping_period_s)
+            self._loops.append(asyncio.create_task(self._pings.run(), name="pings"))
+        if self.auto_span and config.rebalance_period_s > 0:
+            mover = SpanMover(self._sessions, self._announcer.announce_state, span, self._load_span,
+                              self._unload_span, self._install_span, drain_s=config.move_drain_s)
+            self._rebalancer = Rebalancer(self.identity.peer_id, num_layers, span, read_records, mover.move,
+                                          period_s=config.rebalance_period_s, min_gain=config.rebalance_min_gain)
+            self._loops.append(asyncio.create_task(self._rebalancer.run(), name="rebalance"))
+        for task in self._loops:
+            task.add_done_callback(_log_task_failure)
+
+    async def _load_span(self, start: int, end: int) -> Any:
+        config = self.config
+        dtype = COMPUTE_DTYPES[config.dtype]
+        return await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: quantize_span(
+                load_span(config.model, start, end, dtype=dtype, device=config.device, revision=config.revision,
+                          config=self._model_config),
+                config.quantization, config.device,
+            ),
+        )
+
+    async def _unload_span(self) -> None:
+        """Drops the span (after steps queued on the compute thread); compute is refused until install."""
+        assert self._executor is not None
+        executor = self._executor
+
+        def drop() -> None:
+            executor.span = Unloaded()  # type: ignore[assignment]
+
+        await executor.run_exclusive(drop)
+        if self.config.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    async def _install_span(self, span: Any, start: int, end: int) -> None:
+        """Puts a loaded span in service: the compute thread, the servicer and sessions see it at once."""
+        assert self._executor is not None and self._servicer is not None and self._sessions is not None
+        executor = self._executor
+        new_config = replace(self.config, start_layer=start, end_layer=end)
+
+        def swap() -> None:
+            executor.span = span
+
+        await executor.run_exclusive(swap)
+        self.config = self._servicer.config = self._sessions.config = new_config
 
     def _make_record(self, state: str) -> PeerRecord:
         from hivemind.utils import get_dht_time
@@ -131,6 +205,8 @@ class PeerServer:
             dtype=self.config.dtype,
             quantization=self.config.quantization,
             throughput=self.throughput,
+            prefill_throughput=self.prefill_throughput,
+            pings=self._pings.current() if self._pings is not None else {},
             free_cache_tokens=self._sessions.pool.free_tokens,
             state=state,  # type: ignore[arg-type]
             signed_at=get_dht_time(),
@@ -151,6 +227,7 @@ class PeerServer:
             "cache_tokens": self.config.cache_tokens,
             "throughput": round(self.throughput, 2),
             "tls_cert": self.tls.cert_pem.decode() if self.tls else "",
+            "prefill_throughput": round(self.prefill_throughput, 2),
         }
         return f"{PEER_READY} {json.dumps(info)}"
 
@@ -165,6 +242,8 @@ class PeerServer:
 
     async def drain(self) -> None:
         """Leaves politely: tell the DHT, refuse new sessions, let open ones finish for a while."""
+        for task in self._loops:
+            task.cancel()
         if self._sessions is not None:
             self._sessions.accepting = False
         if self._announce_task is not None:
@@ -177,6 +256,8 @@ class PeerServer:
         await self.close()
 
     async def close(self) -> None:
+        for task in self._loops:
+            task.cancel()
         if self._announce_task is not None:
             self._announce_task.cancel()
         if self._server is not None:

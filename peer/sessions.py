@@ -236,8 +236,8 @@ class SessionManager:
 
         Runs on the event loop (the pool's accounting), before the compute thread grows buffers.
         """
-        if session.closed:
-            raise InvalidRequestError(f"session {session.session_id} is closed")
+        if session.closed or self.sessions.get(session.session_id) is not session:  # the peer closed it (moving)
+            raise PeerLeavingError(f"session {session.session_id} was closed by this peer; reopen it elsewhere")
         if start_position > session.length:
             raise InvalidRequestError(
                 f"step starts at position {start_position} but the session holds {session.length}"

@@ -124,6 +124,12 @@ class Announcer:
             await self.announce_once(self._state)
             await asyncio.sleep(self.period_s * self._rng.uniform(1 - _JITTER, 1 + _JITTER))
 
+    async def announce_state(self, state: PeerState) -> bool:
+        """Switches the state the loop keeps announcing and stores it now (a moving peer goes
+        "leaving" while it reloads, then "online" again); True when a DHT node accepted it."""
+        self._state = state
+        return await self.announce_once(state)
+
     async def announce_leaving(self) -> None:
         """Tells clients this peer is draining: one store with state "leaving" (its failure is logged)."""
         self._state = "leaving"

@@ -1,8 +1,9 @@
-"""Which layers a joining peer should host: a pure function over a snapshot of the swarm.
+"""Which layers a joining peer should host: a pure function over the records of the swarm.
 
-For now the rule is the simplest one that keeps a swarm covered: take the window of consecutive
-layers whose least-served layer has the fewest live peers (then the fewest in total, then the
-lowest start). Throughput-weighted choice and rebalancing come with the balance issue.
+The peer takes the consecutive span of the length that fits its memory that most raises the
+swarm's weakest point (the rule and the throughput model are in ``rebalance`` and ``snapshot``):
+first a span that covers as many uncovered layers as it can, then the one that raises the layer
+with the least total throughput the most, then the rest of the weak layers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from brigade.protocol.records import PeerRecord
+from brigade.routing.rebalance import best_start
+from brigade.routing.snapshot import SwarmSnapshot
 
 
 def layer_coverage(records: Iterable[PeerRecord], num_layers: int) -> list[int]:
@@ -23,15 +26,20 @@ def layer_coverage(records: Iterable[PeerRecord], num_layers: int) -> list[int]:
     return coverage
 
 
-def choose_span(records: Iterable[PeerRecord], num_layers: int, span_length: int) -> tuple[int, int]:
-    """The half-open span of ``span_length`` layers that most needs another peer."""
+def choose_span(
+    records: Iterable[PeerRecord], num_layers: int, span_length: int, *, throughput: float | None = None
+) -> tuple[int, int]:
+    """The half-open span of ``span_length`` layers where a new peer helps the swarm most.
+
+    ``throughput`` is the new peer's tokens/s per layer; None (not measured yet) counts it as the
+    swarm's median peer.
+    """
     if num_layers <= 0:
         raise ValueError("the model has no layers")
     span_length = max(1, min(span_length, num_layers))
-    coverage = layer_coverage(records, num_layers)
-    best_start = min(
-        range(num_layers - span_length + 1),
-        key=lambda start: (min(coverage[start : start + span_length]), sum(coverage[start : start + span_length]),
-                           start),
-    )
-    return best_start, best_start + span_length
+    snapshot = SwarmSnapshot.from_records(records, num_layers)
+    if throughput is None or throughput <= 0:
+        measured = sorted(peer.throughput for peer in snapshot.peers)
+        throughput = measured[len(measured) // 2] if measured else 1.0
+    start = best_start(snapshot, span_length, throughput)
+    return start, start + span_length
