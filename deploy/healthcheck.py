@@ -49,13 +49,13 @@ def check_peer(address: str, timeout_s: float = 5.0) -> str | None:
     """None when the peer at ``address`` answers Info, else why not."""
     from brigade.protocol import brigade_pb2 as pb
     from brigade.protocol import brigade_pb2_grpc as pb_grpc
-    from brigade.protocol.channels import peer_channel
-    from brigade.protocol.records import PeerRecord
+    from brigade.protocol.channels import dial
 
     async def ask() -> str | None:
-        # Only the address matters for dialing our own peer; the record is never signed or stored.
-        record = PeerRecord.model_construct(address=address)
-        async with peer_channel(record) as channel:
+        # Our own peer on this host: trust the certificate it presents (a client pins the one in its
+        # signed record instead); a peer run with --insecure answers in plain text.
+        cert = _presented_certificate(address, timeout_s)
+        async with dial(address, cert, allow_insecure=not cert) as channel:
             info = await pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=timeout_s)
         return None if info.peer_id else "Info answered without a peer id"
 
@@ -63,6 +63,17 @@ def check_peer(address: str, timeout_s: float = 5.0) -> str | None:
         return asyncio.run(ask())
     except Exception as e:
         return f"peer at {address} did not answer Info: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _presented_certificate(address: str, timeout_s: float) -> str:
+    """The PEM certificate the server at ``address`` presents, or "" when it does not speak TLS."""
+    import ssl
+
+    host, port = address.rsplit(":", 1)
+    try:
+        return ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=timeout_s)
+    except ssl.SSLError:
+        return ""
 
 
 def check_tcp(address: str, timeout_s: float = 5.0) -> str | None:

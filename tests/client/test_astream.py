@@ -7,9 +7,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
+from brigade_peer_client import peer_channel
 from brigade_testkit import build_model
 
 from brigade.client import DistributedModelForCausalLM
@@ -27,7 +27,7 @@ def model(llama_swarm: LocalSwarm, llama_checkpoint: Path) -> Iterator[Distribut
 def open_sessions(swarm: LocalSwarm) -> int:
     total = 0
     for peer in swarm.peers:
-        with grpc.insecure_channel(str(peer.info["address"])) as channel:
+        with peer_channel(peer.info) as channel:
             total += pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=5).open_sessions
     return total
 

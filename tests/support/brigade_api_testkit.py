@@ -61,7 +61,7 @@ class ApiServer:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
-    peer_addresses: list[str]
+    peers: list[dict[str, object]]  # the peers' ready lines (address, certificate to pin, ...)
     model_id: str
 
     def log_tail(self, lines: int = 40) -> str:

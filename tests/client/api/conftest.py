@@ -40,7 +40,7 @@ def api_server(chat_model: ChatModel, chat_swarm: LocalSwarm,
         args += ["--initial-peers", maddr]
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     process, ready = start_api_server(args, log_path)
-    addresses = [str(peer.info["address"]) for peer in chat_swarm.peers]
-    server = ApiServer(ready["url"], process, log_path, addresses, ready["model"])
+    server = ApiServer(ready["url"], process, log_path, [dict(peer.info) for peer in chat_swarm.peers],
+                       ready["model"])
     yield server
     stop_api_server(process, ready)

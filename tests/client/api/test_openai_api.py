@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import httpx2 as httpx
 import openai
 import pytest
 import torch
 from brigade_api_testkit import API_KEY, ApiServer, ChatModel
+from brigade_peer_client import peer_channel
 from transformers import AutoModelForCausalLM
 
 from brigade.protocol import brigade_pb2 as pb
@@ -44,8 +44,8 @@ def local_greedy(reference: AutoModelForCausalLM, tokenizer, ids: list[int], new
 
 def open_sessions(server: ApiServer) -> list[int]:
     counts = []
-    for address in server.peer_addresses:
-        with grpc.insecure_channel(address) as channel:
+    for info in server.peers:
+        with peer_channel(info) as channel:
             counts.append(pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=5).open_sessions)
     return counts
 
