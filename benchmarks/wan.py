@@ -6,14 +6,13 @@
 Each (profile, hop count) gets a fresh testbed (deploy/testbed: one network namespace per peer,
 tbf bandwidth, a delay proxy or netem for latency), peers splitting an 8-layer Llama-shaped
 checkpoint built here from a fixed seed, and a client on its own host. It prints ms/token (decode
-steps after the first token) against the floor of one round trip per hop per token: the sum of
-the round trips of the hops the client actually used. What is above the floor is compute,
+steps after the first token) against the floor of the mode on the route the client actually used:
+one round trip per hop when the client calls each hop (``client``), one way into each hop plus one
+way back from the last when peers forward (``forwarding``). What is above the floor is compute,
 serialization and the client's own work per hop.
 
-``--modes`` names how tokens travel through the pipeline (``brigade.deploy.testbed.client.MODES``):
-today only ``client`` (the client calls each hop in turn). Peer-to-peer forwarding and
-speculative decoding register there and are compared here by listing them, e.g.
-``--modes client,p2p``; every mode runs on the same testbed, on the same links.
+``--modes`` names how tokens travel through the pipeline (``brigade.deploy.testbed.client.MODES``),
+e.g. ``--modes client,forwarding``; every mode runs on the same testbed, on the same links.
 
 Needs root (network namespaces). Starts up to 10 processes per testbed: take the shared swarm
 lock on a shared machine (``flock /tmp/brigade-swarm.lock python benchmarks/wan.py``).
@@ -55,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", default="lan,internet,bad", help=f"comma-separated: {', '.join(PROFILES)}")
     parser.add_argument("--hops", default="2,4,8", help="comma-separated peer counts (at most 8: one layer each)")
-    parser.add_argument("--modes", default="client", help=f"comma-separated: {', '.join(sorted(MODES))}")
+    parser.add_argument("--modes", default="client,forwarding", help=f"comma-separated: {', '.join(sorted(MODES))}")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="draws the peers' round trips within a profile")
     parser.add_argument("--emulation", default="auto", help="auto | proxy | netem")
@@ -101,7 +100,8 @@ def main() -> None:
                               f"{result.first_token_ms:>10.0f}  {'yes' if result.tokens == reference else 'NO'}",
                               flush=True)
         print(f"({options.new_tokens} greedy tokens per run, ms/token = mean decode step after the first token; "
-              f"floor = sum of the route's round trips; 8-layer Llama, hidden {SHAPE['hidden_size']}, fp32 CPU, "
+              "floor: client = the route's round trips, forwarding = one way per hop + one back; "
+              f"8-layer Llama, hidden {SHAPE['hidden_size']}, fp32 CPU, "
               f"1 torch thread per peer; {time.monotonic() - began:.0f} s in all)")
 
 

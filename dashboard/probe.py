@@ -65,7 +65,9 @@ async def probe_peer(record: PeerRecord, timeout_s: float) -> ProbeResult:
     problem = address_problem(record.address)
     if problem:
         return ProbeResult(False, error=f"not probed: {problem}")
-    channel = peer_channel(record, max_message_bytes=_MAX_INFO_BYTES)
+    # Probing only reads Info, so a plain-text peer (a --insecure test swarm) is probed too; clients
+    # still refuse it. A certificate in the record is pinned as everywhere else.
+    channel = peer_channel(record, max_message_bytes=_MAX_INFO_BYTES, allow_insecure=True)
     try:
         async with asyncio.timeout(timeout_s):
             stub = pb_grpc.PeerStub(channel)

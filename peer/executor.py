@@ -2,7 +2,7 @@
 
 The event loop only decodes, checks and enqueues; this thread takes everything that is ready,
 asks the scheduler what the next pass computes (``plan_batch``), runs it as one batched forward
-(``LlamaSpan.forward_segments``), and hands each chunk's output back through the item's callback.
+(``Span.forward_segments``), and hands each chunk's output back through the item's callback.
 
 A lone session pays nothing for batching: the thread blocks on its inbox and starts the moment a
 step arrives. When other sessions were busy in the previous pass and have not sent their next
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from brigade.kernels.batch import Segment
-from brigade.kernels.llama import LlamaSpan
+from brigade.kernels.span import Span
 from brigade.peer.scheduler import WorkItem, plan_batch
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class _Exclusive:
 class SpanExecutor:
     def __init__(
         self,
-        span: LlamaSpan,
+        span: Span,
         dtype: torch.dtype,
         device: str,
         num_threads: int | None = None,

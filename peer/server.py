@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from brigade import __version__
-from brigade.kernels.llama import LlamaArgs
+from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
@@ -79,7 +79,7 @@ class PeerServer:
         )
         records = await fetch_records(self._dht, self.model_name) if config.start_layer is None else []
         cache_path = cache_path_for(config.throughput_cache)
-        known = known_throughput(LlamaArgs.from_config(model_config), dtype, config.device, config.quantization,
+        known = known_throughput(model_args(model_config), dtype, config.device, config.quantization,
                                  config.throughput, cache_path)
         config, plan = resolve_span(config, model_config, records, throughput=known.decode if known else None)
         self.config = config

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from brigade.kernels.cache import KVCache
-from brigade.kernels.llama import LlamaArgs, LlamaSpan
+from brigade.kernels.span import ModelArgs, Span
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Throughput:
     prefill: float  # tokens/s per layer: one prefill chunk of PREFILL_CHUNK positions (0 = unknown)
 
 
-def measure(span: LlamaSpan, dtype: torch.dtype, device: str, *, steps: int = 6,
+def measure(span: Span, dtype: torch.dtype, device: str, *, steps: int = 6,
             chunk: int = PREFILL_CHUNK) -> Throughput:
     """Times the span itself: the median decode step and the best of two prefill chunks.
 
@@ -54,8 +54,7 @@ def measure(span: LlamaSpan, dtype: torch.dtype, device: str, *, steps: int = 6,
     pads = torch.zeros(1, dtype=torch.long, device=device)
 
     def fresh_cache() -> KVCache:
-        return KVCache.allocate(span.start, span.end, 1, args.num_kv_heads, args.head_dim, chunk + steps + 1,
-                                dtype, device)
+        return args.new_cache(span.start, span.end, 1, chunk + steps + 1, dtype, device)
 
     def timed(hidden: torch.Tensor, cache: KVCache) -> float:
         began = time.perf_counter()
@@ -94,7 +93,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cache_key(hardware: str, args: LlamaArgs, dtype: torch.dtype, quantization: str) -> str:
+def cache_key(hardware: str, args: ModelArgs, dtype: torch.dtype, quantization: str) -> str:
     """Everything a per-layer figure depends on: the device, the layer's shape (not the layer count),
     the dtype, the quantization and the torch build."""
     shape = {key: value for key, value in asdict(args).items() if key != "num_layers"}
@@ -178,7 +177,7 @@ def cache_path_for(option: str | None) -> Path | None:
     return Path(option).expanduser() if option else None
 
 
-def known_throughput(args: LlamaArgs, dtype: torch.dtype, device: str, quantization: str, option: str,
+def known_throughput(args: ModelArgs, dtype: torch.dtype, device: str, quantization: str, option: str,
                      cache_path: Path | None) -> Throughput | None:
     """What the peer will announce, if it is known before loading (fixed, or cached): span choice uses it."""
     chosen = parse_throughput_option(option)
@@ -189,7 +188,7 @@ def known_throughput(args: LlamaArgs, dtype: torch.dtype, device: str, quantizat
     return ThroughputCache(cache_path).get(cache_key(hardware_id(device), args, dtype, quantization))
 
 
-def self_throughput(span: LlamaSpan, dtype: torch.dtype, device: str, quantization: str, option: str,
+def self_throughput(span: Span, dtype: torch.dtype, device: str, quantization: str, option: str,
                     cache_path: Path | None) -> Throughput:
     """The figures to announce: fixed by ``option``, else cached, else measured (and cached).
 

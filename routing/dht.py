@@ -13,7 +13,9 @@ nodes skip its clock check (see the validator's docstring for why).
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,33 +54,60 @@ def start_dht(
     """
     if identity_path is not None:
         Path(identity_path).parent.mkdir(parents=True, exist_ok=True)
-    dht = hivemind.DHT(
-        initial_peers=list(initial_peers) or None,
-        host_maddrs=list(listen_maddrs),
-        client_mode=client_mode,
-        identity_path=identity_path,
-        startup_timeout=startup_timeout_s,  # bounds the p2pd daemon's own start inside the child
-        record_validators=[RecordValidator(peer_filter=peer_filter, check_clock=not client_mode)],
-        start=False,
-    )
-    try:
-        # hivemind.DHT(start=True) would wait without a deadline; the same start, bounded.
-        dht.run_in_background(await_ready=True, timeout=startup_timeout_s)
-    except TimeoutError as e:
-        dht.shutdown()
-        raise RuntimeError(
-            f"the DHT node did not start within {startup_timeout_s:.0f} s; check that the initial peers "
-            f"{list(initial_peers)} are reachable from this machine"
-        ) from e
-    except Exception as e:
-        dht.shutdown()
-        if initial_peers:
-            hint = f"check that the initial peers {list(initial_peers)} are running and reachable"
-        else:
-            hint = f"check the listen addresses {list(listen_maddrs)}"
-        raise RuntimeError(f"could not start the DHT node ({e}); {hint}") from e
+    deadline = time.monotonic() + startup_timeout_s
+    attempts = 2  # a child that hangs right after fork (see _fork_child) is replaced once
+    for attempt in range(attempts):
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers) or None,
+            host_maddrs=list(listen_maddrs),
+            client_mode=client_mode,
+            identity_path=identity_path,
+            startup_timeout=startup_timeout_s,  # bounds the p2pd daemon's own start inside the child
+            record_validators=[RecordValidator(peer_filter=peer_filter, check_clock=not client_mode)],
+            start=False,
+        )
+        remaining = deadline - time.monotonic()
+        wait_s = remaining if attempt == attempts - 1 else max(remaining / 2, min(remaining, 10.0))
+        try:
+            _fork_child(dht)
+            # hivemind.DHT(start=True) would wait without a deadline; the same start, bounded.
+            dht.wait_until_ready(timeout=wait_s)
+            break
+        except TimeoutError as e:
+            dht.shutdown()
+            if attempt + 1 < attempts and deadline - time.monotonic() > 1.0:
+                logger.warning("the DHT node did not start within %.0f s; starting a new one", wait_s)
+                continue
+            raise RuntimeError(
+                f"the DHT node did not start within {startup_timeout_s:.0f} s; check that the initial peers "
+                f"{list(initial_peers)} are reachable from this machine"
+            ) from e
+        except Exception as e:
+            dht.shutdown()
+            if initial_peers:
+                hint = f"check that the initial peers {list(initial_peers)} are running and reachable"
+            else:
+                hint = f"check the listen addresses {list(listen_maddrs)}"
+            raise RuntimeError(f"could not start the DHT node ({e}); {hint}") from e
     logger.info("DHT node started (client_mode=%s), visible at %s", client_mode, visible_maddrs(dht))
     return dht
+
+
+def _fork_child(dht: hivemind.DHT) -> None:
+    """Forks the DHT's process with the garbage collector's view of this process frozen.
+
+    hivemind's DHT is a forked process. A client or a test forks it from a process full of gRPC
+    channels, threads and torch state; if the child's garbage collector then finalizes one of
+    those inherited objects (a gRPC call, say), it runs foreign finalizers in a half-copied process
+    and can crash or hang there. Freezing moves every object that exists at fork time out of the
+    collector's reach in the child (the parent unfreezes at once), so the child only ever collects
+    what it made itself.
+    """
+    gc.freeze()
+    try:
+        dht.start()
+    finally:
+        gc.unfreeze()
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -2,10 +2,10 @@
 
 ``python -m brigade.deploy.testbed.client MODEL --initial-peers MADDR --prompt-ids 1,2,3``
 
-A mode is how tokens travel through the pipeline. ``client`` is the client-driven pipeline of
-today (one round trip per hop per token). Peer-to-peer forwarding and speculative decoding are
-new entries in ``MODES`` with the same signature; the testbed and ``benchmarks/wan.py`` pass
-``--mode`` through unchanged.
+A mode is how tokens travel through the pipeline: ``client`` is client-driven (the client calls
+each hop in turn: one round trip per hop per token), ``forwarding`` (the library's default) has
+each peer send its output straight to the next peer (one trip per hop plus one back). Every mode
+has the same signature; the testbed and ``benchmarks/wan.py`` pass ``--mode`` through unchanged.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ class ClientRun:
     route: list[str]  # "peer_id[start:end]" per hop, as the client used it
 
 
-def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
-    """Greedy decoding through ``DistributedModelForCausalLM``: the client calls each hop in turn."""
+def _greedy(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int,
+            **client_options: object) -> ClientRun:
+    """Greedy decoding through ``DistributedModelForCausalLM`` with the given client options."""
     import torch
 
     from brigade.client import DistributedModelForCausalLM
 
-    with DistributedModelForCausalLM.from_pretrained(model, initial_peers) as distributed:
+    with DistributedModelForCausalLM.from_pretrained(model, initial_peers, **client_options) as distributed:
         input_ids = torch.tensor([prompt_ids])
         tokens, times = [], []
         began = time.perf_counter()
@@ -45,8 +46,21 @@ def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], n
         return ClientRun(tokens, times, list(distributed.last_route))
 
 
+def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
+    """The client calls each hop in turn."""
+    return _greedy(model, initial_peers, prompt_ids, new_tokens, forwarding=False)
+
+
+def forwarding(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
+    """Each peer sends its output straight to the next; the last answers the client."""
+    return _greedy(model, initial_peers, prompt_ids, new_tokens, forwarding=True)
+
+
 Mode = Callable[[str, list[str], list[int], int], ClientRun]
-MODES: dict[str, Mode] = {"client": client_driven}
+MODES: dict[str, Mode] = {"client": client_driven, "forwarding": forwarding}
+# How many one-way trips a decode step pays per hop: 2 when the client calls each hop, 1 (plus one
+# back from the last hop) when peers forward. Modes built on forwarding (speculation) add theirs.
+FORWARDING_MODES = {"forwarding"}
 
 
 def prompt_to_ids(model: str, prompt: str) -> list[int]:
@@ -68,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-ids", help="comma-separated token ids")
     parser.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--mode", choices=sorted(MODES), default="client")
+    parser.add_argument("--mode", choices=sorted(MODES), default="forwarding")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if options.prompt_ids:

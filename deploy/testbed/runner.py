@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brigade.deploy.testbed.client import RESULT_MARK
+from brigade.deploy.testbed.client import FORWARDING_MODES, RESULT_MARK
 from brigade.deploy.testbed.netns import Host, Network, new_run_id, plan_hosts, sweep_stale
 from brigade.deploy.testbed.processes import HostProcess, spawn, stop_all
 from brigade.deploy.testbed.profiles import NetProfile, get_profile
@@ -64,6 +64,7 @@ class GenerationResult:
     token_times_s: list[float]
     route: list[str]  # peer ids with spans, as the client reported them
     hops: list[Host] = field(default_factory=list)  # the hosts those peers live on, in route order
+    mode: str = "forwarding"  # how tokens travelled (``client.MODES``)
 
     @property
     def first_token_ms(self) -> float:
@@ -82,7 +83,12 @@ class GenerationResult:
 
     @property
     def floor_ms(self) -> float:
-        """One round trip per hop: no decode step through this route can take less."""
+        """What no decode step through this route can beat: one round trip per hop when the client
+        calls each hop; one way into each hop plus one way back from the last when peers forward."""
+        if not self.hops:
+            return 0.0
+        if self.mode in FORWARDING_MODES:
+            return sum(host.rtt_ms for host in self.hops) / 2 + self.hops[-1].rtt_ms / 2
         return sum(host.rtt_ms for host in self.hops)
 
     def describe_route(self) -> str:
@@ -179,7 +185,7 @@ class Testbed:
 
     # -- generate ------------------------------------------------------------------------------
     def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,
-                 mode: str = "client") -> GenerationResult:
+                 mode: str = "forwarding") -> GenerationResult:
         """Runs the client on the client host once and returns its tokens, timings and route."""
         if not self.peers:
             raise RuntimeError("start the testbed first")
@@ -206,7 +212,8 @@ class Testbed:
         if client.process.returncode != 0 or not lines:
             raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
         data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
-        result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"])
+        result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"],
+                                  mode=mode)
         by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
         result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
         return result

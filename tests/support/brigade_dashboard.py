@@ -33,7 +33,7 @@ def peer_record(identity: Identity, model: str, start: int, end: int, num_layers
     values: dict[str, Any] = dict(
         peer_id=identity.peer_id, public_key=identity.public_key.hex(), address="127.0.0.1:9",
         model_name=model, start_layer=start, end_layer=end, num_layers=num_layers, dtype="float32",
-        throughput=10.0, free_cache_tokens=4096, signed_at=now, expires_at=now + 3600, started_at=now - 600,
+        throughput=10.0, free_cache_tokens=4096, signed_at=now, expires_at=now + 55, started_at=now - 600,
         software_version="0.1.0",
     )
     values.update(fields)
