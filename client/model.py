@@ -70,6 +70,7 @@ class DistributedModelForCausalLM:
         self.generation_config = _generation_config(model)
         self.last_route: list[str] = []
         self.last_events: list[FailoverEvent] = []  # recoveries during the last generate / stream
+        self.last_forwarding: list[bool] = []  # per hop of the last route: it sent its output straight on
         self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
         self._loop = LoopThread()
         self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
@@ -200,6 +201,7 @@ class DistributedModelForCausalLM:
         run(session.open())
         try:
             self.last_route = _describe(session.route)
+            self.last_forwarding = [stream.forwards for stream in session.hops]
             recoveries_seen = len(session.events)
             eos_ids = torch.tensor(eos)
             sequences = input_ids
@@ -215,6 +217,7 @@ class DistributedModelForCausalLM:
                 if len(session.events) != recoveries_seen:  # the route only changes on a recovery
                     recoveries_seen = len(session.events)
                     self.last_route = _describe(session.route)
+                    self.last_forwarding = [stream.forwards for stream in session.hops]
                 yield tokens
                 if not bool(unfinished.any()):
                     break

@@ -384,6 +384,8 @@ class PeerServicer(pb_grpc.PeerServicer):
             software_version=str(extra.get("software_version", "")),
             started_at=float(extra.get("started_at", 0.0)),
             cache_tokens=self.sessions.pool.capacity_tokens,
+            compute_passes=self.executor.passes,
+            computed_steps=self.executor.batched_items,
         )
 
     async def close(self) -> None:

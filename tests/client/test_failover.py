@@ -80,6 +80,29 @@ def test_kill_minus_9_twice_per_generation(chaos, reference) -> None:
     assert failures >= GENERATIONS, "most kills should have hit the route in use"
 
 
+def test_kill_minus_9_with_client_driven_hops(chaos, reference) -> None:
+    """The same guarantee when the client carries every activation itself (forwarding off)."""
+    swarm, forwarding_model = chaos
+    rng = random.Random(4)
+    with DistributedModelForCausalLM.from_pretrained(
+        forwarding_model.model_path, swarm.swarm.initial_peers, forwarding=False
+    ) as model:
+        for generation in range(3):
+            prompt = prompt_for(30 + generation)
+            expected = reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+
+            def kill(route: list[str]) -> None:
+                victim = swarm.pick_victim(route, rng)
+                if victim is not None:
+                    victim.process.send_signal(signal.SIGKILL)
+                    victim.process.wait(10)
+
+            steps = set(rng.sample(range(1, NEW_TOKENS - 1), 2))
+            assert run_with_faults(model, prompt, steps, kill) == expected, f"generation {generation} diverged"
+            assert not any(model.last_forwarding)
+            swarm.heal()
+
+
 def test_hung_peer_sigstop(chaos, reference) -> None:
     swarm, model = chaos
     rng = random.Random(2)

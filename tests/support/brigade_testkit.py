@@ -38,7 +38,10 @@ from brigade.peer.launcher import LaunchedProcess, LocalSwarm
 
 # Peers on a 2-core machine take turns; two threads each is the most that helps.
 PEER_THREADS = int(os.environ.get("BRIGADE_TEST_PEER_THREADS", "2"))
-FAST_PEER_ARGS = ["--drain-grace", "1", "--announce-period", "1.5", "--record-ttl", "4"]
+# Short record lifetimes so tests see changes fast; small prefill chunks so tests' prompts of a few
+# hundred tokens already cross hops in several chunks (pipelined prefill).
+FAST_PEER_ARGS = ["--drain-grace", "1", "--announce-period", "1.5", "--record-ttl", "4",
+                  "--prefill-chunk-tokens", "128"]
 
 
 
