@@ -74,7 +74,11 @@ def test_result_measures_steps_after_the_first_token_against_the_route_floor() -
     assert result.first_token_ms == pytest.approx(500.0)
     assert result.step_ms == pytest.approx([100.0, 120.0])
     assert result.ms_per_token == pytest.approx(110.0)
-    assert result.floor_ms == 80.0
+    assert result.mode == "forwarding"
+    # Forwarding: one way into each hop plus one way back from the last.
+    assert result.floor_ms == pytest.approx(30.0 / 2 + 50.0 / 2 + 50.0 / 2)
+    client_driven = GenerationResult([1, 2], [5, 6, 7], [0.5, 0.6, 0.72], ["a[0:1]", "b[1:2]"], hosts, mode="client")
+    assert client_driven.floor_ms == pytest.approx(80.0)  # one round trip per hop
     assert "p0[0:1] 10.77.0.2 (rtt 30 ms) -> p1[1:2]" in result.describe_route()
 
 
