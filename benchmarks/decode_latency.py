@@ -63,8 +63,8 @@ class TokenClock:
         return 1000 * statistics.mean(gaps)
 
 
-def build_checkpoint(folder: Path, shape: dict[str, int]) -> LlamaForCausalLM:
-    config = LlamaConfig(**shape, max_position_embeddings=2048, initializer_range=0.02,
+def build_checkpoint(folder: Path, shape: dict[str, int], max_positions: int = 2048) -> LlamaForCausalLM:
+    config = LlamaConfig(**shape, max_position_embeddings=max_positions, initializer_range=0.02,
                          eos_token_id=None, bos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `brigade` entry point sets it
 
@@ -33,16 +34,18 @@ from brigade.protocol.tensors import decode, encode
 
 
 async def profile_steps(session: InferenceSession, hidden: torch.Tensor, steps: int) -> list[list[tuple[float, float]]]:
-    """Per step, per hop: (round trip ms, peer compute ms), stepping each hop's stream by hand."""
+    """Per step, per hop: (round trip ms, peer compute ms), stepping each hop's stream by hand
+    (client-driven hops: each answers the client, so each hop's share is visible)."""
     rows = []
     for _ in range(steps):
         row, current = [], hidden
+        step_id = session.position + 1_000_000  # distinct from the session's own step ids
         for stream in session.hops:
             request = pb.InferenceRequest(session_id=stream.session_id, step=pb.Step(
-                hidden=encode(current), start_position=session.position))
+                hidden=encode(current), start_position=session.position, step_id=step_id, step_positions=1))
             began = time.perf_counter()
-            await stream.call.write(request)
-            response = await stream.call.read()
+            await stream.send(request)
+            response = await stream.answer(10.0)
             row.append(((time.perf_counter() - began) * 1000, response.result.compute_ms))
             current = decode(response.result.hidden)
         session.position += 1
@@ -50,8 +53,8 @@ async def profile_steps(session: InferenceSession, hidden: torch.Tensor, steps: 
     return rows
 
 
-async def info_round_trip(model: DistributedModelForCausalLM, address: str, count: int) -> float:
-    stub = model.swarm.stub(address)
+async def info_round_trip(model: DistributedModelForCausalLM, record: Any, count: int) -> float:
+    stub = model.swarm.stub(record)
     times = []
     for _ in range(count):
         began = time.perf_counter()
@@ -76,13 +79,14 @@ def main() -> int:
                 swarm.add_peer(str(checkpoint), span, wait=False, extra_args=["--drain-grace", "1"])
             for peer in swarm.peers:
                 swarm.wait_ready(peer)
-            with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers) as model:
+            with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers,
+                                                             forwarding=False) as model:
                 session = InferenceSession(model.swarm, model.bans, 1, args.steps + 16, [0])
                 model._loop.run(session.open())
                 hidden = torch.randn(1, 1, shape["hidden_size"])
                 model._loop.run(profile_steps(session, hidden, 5))  # warm-up
                 rows = model._loop.run(profile_steps(session, hidden, args.steps))
-                floor = model._loop.run(info_round_trip(model, session.hops[0].hop.peer.address, 50))
+                floor = model._loop.run(info_round_trip(model, session.hops[0].hop.peer, 50))
                 model._loop.run(session.close())
     print(f"\n{'hop':<6}{'round trip ms':>15}{'peer compute ms':>17}{'beyond compute':>16}")
     for index in range(args.peers):

@@ -53,7 +53,7 @@ def run(
     block_client: Annotated[list[str] | None, typer.Option(help="Refuse these client ids (repeat).")] = None,
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one batched pass may compute.")] = 2048,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill chunk size (pipelining, fairness).")] = 512,
-    batch_window_ms: Annotated[float, typer.Option(help="Longest wait for other sessions' steps to batch.")] = 2.0,
+    batch_window_ms: Annotated[float, typer.Option(help="Cap (ms) on waiting for busy sessions' steps.")] = 10.0,
     num_layers: Annotated[int | None, typer.Option(
         help="With --layers auto: how many layers to host (default: as many as fit).")] = None,
     throughput: Annotated[str, typer.Option(

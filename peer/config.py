@@ -44,7 +44,7 @@ class PeerConfig:
     blocked_clients: frozenset[str] = frozenset()  # ids refused here
     max_batch_tokens: int = 2048  # positions one pass over the span may compute (decode steps + prefill chunks)
     prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
-    batch_window_ms: float = 2.0  # longest a ready step waits for other busy sessions' steps to join its batch
+    batch_window_ms: float = 10.0  # cap on a ready step's wait for busy sessions' steps (adaptive below it)
     forward_timeout_s: float = 10.0  # deadline for reaching the next hop when forwarding
     # Balance (docs/routing.md)
     span_length: int | None = None  # with auto layers: how many to host; None = as many as fit in memory

@@ -6,8 +6,11 @@ asks the scheduler what the next pass computes (``plan_batch``), runs it as one 
 
 A lone session pays nothing for batching: the thread blocks on its inbox and starts the moment a
 step arrives. When other sessions were busy in the previous pass and have not sent their next
-step yet, it waits for them up to ``batch_window_s`` (stopping as soon as they are all in), so
-sessions decoding in step share passes instead of queueing behind each other.
+step yet, it waits for them (stopping as soon as they are all in), so sessions decoding in step
+share passes instead of queueing behind each other. The wait adapts to load: a quarter of the last
+pass's compute time, never more than ``batch_window_s``. A straggler that misses a pass costs a
+whole extra pass (decode passes are memory-bound: one session costs nearly what sixteen do), so
+waiting a fraction of a pass for it is cheap; a light pass waits next to nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from brigade.peer.scheduler import WorkItem, plan_batch
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+WAIT_SHARE_OF_PASS = 0.25  # longest wait for busy sessions' next steps, as a share of the last pass
 
 
 class _Exclusive:
@@ -62,7 +66,7 @@ class SpanExecutor:
         num_threads: int | None = None,
         *,
         max_batch_tokens: int = 2048,
-        batch_window_s: float = 0.002,
+        batch_window_s: float = 0.010,
     ):
         self.span = span
         self.dtype = dtype
@@ -73,6 +77,7 @@ class SpanExecutor:
         self._inbox: queue.SimpleQueue[WorkItem | object] = queue.SimpleQueue()
         self._ready: list[WorkItem] = []
         self._last_pass_sessions: set[object] = set()
+        self._last_pass_s = 0.0
         self._exclusive: _Exclusive | None = None
         self.passes = 0  # counters for tests and the throughput benchmark
         self.batched_items = 0
@@ -149,7 +154,7 @@ class SpanExecutor:
             return
         if any(not item.decode_sized for item in self._ready):
             return  # a prefill chunk is due anyway: do not delay it
-        deadline = time.perf_counter() + self.batch_window_s
+        deadline = time.perf_counter() + min(self.batch_window_s, WAIT_SHARE_OF_PASS * self._last_pass_s)
         while True:
             present = {item.key for item in self._ready}
             if self._last_pass_sessions <= present:
@@ -180,7 +185,8 @@ class SpanExecutor:
             for entry in plan:
                 self._run_plan([entry])
             return
-        compute_ms = (time.perf_counter() - began) * 1000
+        self._last_pass_s = time.perf_counter() - began
+        compute_ms = self._last_pass_s * 1000
         self.passes += 1
         self.batched_items += len(plan)
         self._last_pass_sessions = {item.key for item, _ in plan if item.decode_sized and item.session is not None}
