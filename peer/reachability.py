@@ -9,7 +9,10 @@ very peer, not to something else listening on that port.
 A prober dials only the IP address the request came from (like libp2p's AutoNAT): the probe
 cannot be used to make swarm members connect to third parties or scan their networks. A peer that
 announces another address than the one its connections leave from (its LAN address behind a
-router, say) is told so, which is exactly the advice it needs.
+router, say) is told so, which is exactly the advice it needs. One exception: a request that
+arrives from the prober's own loopback came through a local TCP proxy in front of the prober (a
+delay proxy, a port forwarder), which hides the real source; then the prober dials the announced
+address as given. Either way it reports only "reachable" or a coarse reason, never banners.
 
 The verdict is the majority of the probers that answered (a tie counts as unreachable: a relayed
 peer works for everyone, a wrongly direct one fails every client); no answer at all is "unknown"
@@ -22,6 +25,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -72,8 +76,42 @@ def _same_ip(host: str, observed: str) -> bool:
         return False
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _resolves_to(host: str, observed: str, timeout_s: float) -> bool:
+    """Whether DNS name ``host`` has ``observed`` among its addresses (bounded; False on any failure)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
+        return False
+    return any(_same_ip(str(info[4][0]), observed) for info in infos)
+
+
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def probe_target(address: str, observed: str) -> str | None:
+    """What a prober dials for a request from ``observed`` announcing ``address``; None: refuse (or
+    resolve first, when the announced host is a DNS name).
+
+    The observed IP with the announced port when the announced host is that IP; the announced
+    address as given when the request came from this machine's loopback (a local proxy in front of
+    the prober hides the real source).
+    """
+    parsed = parse_address(address)
+    if parsed is None or not observed:
+        return None
+    host, port = parsed
+    if _is_loopback(observed):
+        return address
+    return _join(observed, port) if _same_ip(host, observed) else None
 
 
 class ProbeService(pb_grpc.ReachabilityServicer):
@@ -100,17 +138,20 @@ class ProbeService(pb_grpc.ReachabilityServicer):
         if parsed is None:
             return pb.ProbeResponse(detail="the address is not host:port", observed_host=observed)
         host, port = parsed
-        if not observed or not _same_ip(host, observed):
-            return pb.ProbeResponse(
-                detail=f"announces {host} but its connections come from {observed or 'an unknown address'}; "
-                       f"a probe only dials the address a request came from", observed_host=observed)
         if self._busy >= self.max_concurrent:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many probes at once; ask another peer")
         timeout_s = min(request.timeout_s or self.default_timeout_s, self.max_timeout_s)
         self._busy += 1
         try:
-            reachable, detail, rtt_ms = await dial_back(_join(observed, port), request.tls_cert, requester,
-                                                        timeout_s, allow_insecure=self.allow_insecure)
+            target = probe_target(request.address, observed)
+            if target is None and await _resolves_to(host, observed, timeout_s):
+                target = _join(observed, port)
+            if target is None:
+                return pb.ProbeResponse(
+                    detail=f"announces {host} but its connections come from {observed or 'an unknown address'}; "
+                           f"a probe only dials the address a request came from", observed_host=observed)
+            reachable, detail, rtt_ms = await dial_back(target, request.tls_cert, requester, timeout_s,
+                                                        allow_insecure=self.allow_insecure)
         finally:
             self._busy -= 1
         return pb.ProbeResponse(reachable=reachable, detail=detail, observed_host=observed, rtt_ms=rtt_ms)
@@ -236,7 +277,7 @@ def advice(verdict: Verdict, *, bound_port: int, announce_host: str, announce_po
         f"To serve directly: forward TCP port {announce_port} on your router to port {bound_port} of this "
         f"machine and allow it in its firewall.",
     ]
-    public = [host for host in seen if not _same_ip(announce_host, host)]
+    public = [host for host in seen if not _same_ip(announce_host, host) and not _is_loopback(host)]
     if public:
         lines.append(f"Other peers see this machine as {', '.join(public)}: start with "
                      f"--announce-host {public[0]} --announce-port {announce_port} once the port is forwarded.")

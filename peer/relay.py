@@ -208,7 +208,7 @@ class RelayService(pb_grpc.RelayServicer):
         if len(registration.connections) >= self.limits.max_connections_per_peer:
             return await _respond(writer, 503, f"this relay carries all the connections it allows for {peer_id}")
         if registration.budget.exhausted():
-            return await _respond(writer, 503, f"{peer_id} used this relay's byte budget for this hour")
+            return await _respond(writer, 429, f"{peer_id} used this relay's byte budget for this hour")
         connection_id = os.urandom(CONNECTION_ID_BYTES)
         connection = _Connection(peer_id, reader, writer)
         self._pending[connection_id] = connection
@@ -318,7 +318,9 @@ def parse_connect(head: bytes) -> str | None:
 
 
 async def _respond(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
-    """A short HTTP error: gRPC puts the status and reason in the client's UNAVAILABLE message."""
+    """A short HTTP error. gRPC shows the client only the status ("HTTP proxy returned response code
+    404"), so each refusal has its own: 400 not a CONNECT, 404 not relayed here, 408 too slow,
+    429 byte budget spent, 431 preamble too long, 503 connection caps, 504 the relayed peer did not answer."""
     body = reason.encode("ascii", "replace")[:200]
     writer.write(f"HTTP/1.1 {status} {reason[:200]}\r\nContent-Length: {len(body)}\r\n"
                  f"Connection: close\r\n\r\n".encode("ascii", "replace") + body)
