@@ -33,7 +33,7 @@ from brigade.routing.swarm import fetch_index, fetch_records
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_RECHECK_S = 60.0  # re-check this often while no other peer could be asked
+UNKNOWN_RECHECK_S = (5.0, 60.0)  # while no other peer could be asked: first re-check, doubling up to the last
 MAX_OTHER_MODELS = 8  # other models' peers read when this model's peers offer no prober or relay
 
 
@@ -175,10 +175,15 @@ class Connectivity:
 
     # -- re-checks ---------------------------------------------------------------------------------
     async def _monitor(self) -> None:
+        """Re-checks every period; while unknown (peers of a swarm that starts together find nobody to
+        ask at first) soon and then less often: 5 s, 10 s, ... up to a minute."""
+        unknown_delay = UNKNOWN_RECHECK_S[0]
         while True:
-            unknown = self.verdict is None or self.verdict.reachable is None
-            period = min(UNKNOWN_RECHECK_S, self.config.reachability_period_s) if unknown \
-                else self.config.reachability_period_s
+            if self.verdict is None or self.verdict.reachable is None:
+                period = min(unknown_delay, self.config.reachability_period_s)
+                unknown_delay = min(2 * unknown_delay, UNKNOWN_RECHECK_S[1])
+            else:
+                period, unknown_delay = self.config.reachability_period_s, UNKNOWN_RECHECK_S[0]
             await asyncio.sleep(period * self._rng.uniform(0.8, 1.2))
             try:
                 verdict = await self._probe()
@@ -233,7 +238,7 @@ class Connectivity:
         if verdict.reachable:
             lines = [f"reachability: reachable at {self.direct_address} ({verdict.summary()})"]
         elif verdict.reachable is None:
-            later = (f"; checking again within {min(UNKNOWN_RECHECK_S, self.config.reachability_period_s):.0f} s"
+            later = (f"; checking again in {min(UNKNOWN_RECHECK_S[0], self.config.reachability_period_s):.0f} s"
                      if self.config.reachability == "auto" and self.config.reachability_period_s > 0 else "")
             lines = [f"reachability: {verdict.summary()}{later}; announcing {self.direct_address}"]
         else:

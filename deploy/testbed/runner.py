@@ -154,12 +154,19 @@ class Testbed:
         if not self.network.netem:
             proxies += [self._start_proxy(self._peer_hosts()[i], RELAY_BACKEND_PORT, RELAY_PORT, "relay")
                         for i in sorted(set(self.config.relays))]
-        self.peers = [self._start_peer(host, span) for host, span in zip(self._peer_hosts(), self.config.spans,
-                                                                          strict=True)]
+        # Peers at home join a running swarm, as volunteers do: they need others to check their
+        # reachability and to relay for them.
+        homes = {home.host.role for home in self.homes}
+        starts = {host.role: (host, span) for host, span in zip(self._peer_hosts(), self.config.spans, strict=True)}
+        launched: dict[str, HostProcess] = {}
         for proxy in proxies:
             proxy.wait_ready(PROXY_READY, self.config.start_timeout_s)
-        for peer in self.peers:
-            peer.wait_ready(PEER_READY, self.config.start_timeout_s)
+        for batch in ([role for role in starts if role not in homes], [role for role in starts if role in homes]):
+            for role in batch:
+                launched[role] = self._start_peer(*starts[role])
+            for role in batch:
+                launched[role].wait_ready(PEER_READY, self.config.start_timeout_s)
+        self.peers = [launched[host.role] for host in self._peer_hosts()]
         logger.info("testbed %s ready: %d peers, logs in %s", self.run_id, len(self.peers), self.log_dir)
 
     def _peer_hosts(self) -> list[Host]:
