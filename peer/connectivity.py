@@ -145,7 +145,8 @@ class Connectivity:
             logger.error("an --insecure peer is never relayed (the relay would see plain text); it stays unreachable")
             return
         self._link = RelayedLink(
-            self.identity, local_backend(self.config, self._bound_port), self._find_relays, self._relay_changed,
+            self.identity, self._tls_cert, local_backend(self.config, self._bound_port), self._find_relays,
+            self._relay_changed,
             allow_insecure=self.config.insecure, max_connections=self.config.relay_max_connections_per_peer)
         self._link_task = self._own(asyncio.create_task(self._link.run(), name="relayed-link"))
         try:

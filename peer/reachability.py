@@ -138,6 +138,8 @@ class ProbeService(pb_grpc.ReachabilityServicer):
         if parsed is None:
             return pb.ProbeResponse(detail="the address is not host:port", observed_host=observed)
         host, port = parsed
+        if not request.tls_cert and not self.allow_insecure:  # this peer's policy, not the requester's reachability
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer does not dial plain-text peers")
         if self._busy >= self.max_concurrent:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many probes at once; ask another peer")
         timeout_s = min(request.timeout_s or self.default_timeout_s, self.max_timeout_s)

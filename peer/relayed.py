@@ -6,6 +6,9 @@ the relay, the relay sends an ``Incoming`` notice; this side opens a ``Splice`` 
 local TCP connection to its own gRPC port, and copies bytes between the two. The client's TLS
 session therefore ends here, at this peer's own server, exactly as if it had connected directly.
 
+Before announcing a relay, the link dials itself through it (TLS pinned to its own certificate,
+``Info`` must name it): a relay whose relay port clients cannot reach is never announced.
+
 When the tunnel ends (the relay died, restarted or dropped us) the link tells its owner at once
 (the peer re-announces without a relay, so clients stop dialing a dead one), then picks another
 relay, avoiding the one that failed for a while, and announces the new address. Relays are
@@ -28,7 +31,7 @@ from brigade.peer.pings import round_trip_ms
 from brigade.peer.relay import CHUNK_BYTES, RELAY_PURPOSE, first_to_end
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
-from brigade.protocol.channels import peer_channel
+from brigade.protocol.channels import dial, peer_channel
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, parse_address
 from brigade.protocol.tokens import make_token
@@ -64,6 +67,7 @@ class RelayedLink:
     def __init__(
         self,
         identity: Identity,
+        tls_cert: str,
         backend: tuple[str, int],
         find_relays: Callable[[], Awaitable[list[PeerRecord]]],
         on_change: Callable[[RelayState | None], Awaitable[Any]],
@@ -76,10 +80,12 @@ class RelayedLink:
         avoid_s: float = 60.0,
         retry_max_s: float = 15.0,
     ):
-        """``backend`` is this peer's own gRPC server (host, port) that relayed connections are handed
-        to; ``find_relays()`` reads relay-capable records (from the DHT); ``on_change(state)`` is
-        awaited whenever the relay changes or is lost (None). No I/O here."""
+        """``tls_cert`` is this peer's certificate (what clients pin); ``backend`` is its own gRPC
+        server (host, port) that relayed connections are handed to; ``find_relays()`` reads
+        relay-capable records (from the DHT); ``on_change(state)`` is awaited whenever the relay
+        changes or is lost (None). No I/O here."""
         self.identity = identity
+        self.tls_cert = tls_cert
         self.backend = backend
         self._find_relays = find_relays
         self._on_change = on_change
@@ -147,14 +153,22 @@ class RelayedLink:
                 logger.warning("relay %s gave an unusable address %r", relay.peer_id, address[:100])
                 call.cancel()
                 return False
-            registered = True
-            self.current = RelayState(relay.peer_id, address)
-            self.registered.set()
-            logger.info("registered with relay %s: clients reach this peer at %s", relay.peer_id, address)
-            await self._on_change(self.current)
-            while (notice := await call.read()) is not grpc.aio.EOF:
-                if notice.WhichOneof("kind") == "incoming":
-                    self._accept(stub, notice.incoming.connection_id)
+            notices = asyncio.create_task(self._serve_notices(call, stub), name="relay-notices")
+            try:
+                problem = await self._check_path(address)
+                if problem:
+                    logger.warning("relay %s registered this peer, but clients could not reach it at %s (%s); "
+                                   "trying another relay", relay.peer_id, address, problem)
+                    self._avoid[relay.peer_id] = time.monotonic() + self.avoid_s
+                    return False
+                registered = True
+                self.current = RelayState(relay.peer_id, address)
+                self.registered.set()
+                logger.info("registered with relay %s: clients reach this peer at %s", relay.peer_id, address)
+                await self._on_change(self.current)
+                await notices
+            finally:
+                notices.cancel()
             logger.warning("relay %s ended the tunnel (%s); looking for another relay", relay.peer_id,
                            await call.code())
         except (grpc.aio.AioRpcError, TimeoutError, OSError, ConnectionError, asyncio.InvalidStateError) as error:
@@ -169,6 +183,26 @@ class RelayedLink:
             self.registered.clear()
             await self._on_change(None)
         return registered
+
+    async def _serve_notices(self, call: grpc.aio.StreamStreamCall, stub: pb_grpc.RelayStub) -> None:
+        """Takes every relayed connection the relay announces, until the tunnel ends."""
+        while (notice := await call.read()) is not grpc.aio.EOF:
+            if notice.WhichOneof("kind") == "incoming":
+                self._accept(stub, notice.incoming.connection_id)
+
+    async def _check_path(self, address: str) -> str:
+        """Dials this peer through the relay as a client would; "" when Info answers with our id, else why not."""
+        try:
+            channel = dial(address, self.tls_cert, allow_insecure=self.allow_insecure, relay_for=self.identity.peer_id)
+        except (ConnectionError, ValueError) as error:
+            return str(error)
+        try:
+            info = await pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=self.connect_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            return _describe(error)
+        finally:
+            await channel.close()
+        return "" if info.peer_id == self.identity.peer_id else f"another peer answered ({info.peer_id[:64]})"
 
     def _accept(self, stub: pb_grpc.RelayStub, connection_id: bytes) -> None:
         if len(self._splices) >= self.max_connections:

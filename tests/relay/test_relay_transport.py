@@ -125,7 +125,8 @@ async def relayed_through(node: Node, relays: list[Node], *, backend_port: int |
     async def on_change(state: RelayState | None) -> None:
         changes.append((time.monotonic(), state))
 
-    link = RelayedLink(node.identity, ("127.0.0.1", backend_port or node.port), find, on_change,
+    cert = node.tls.cert_pem.decode() if node.tls else ""
+    link = RelayedLink(node.identity, cert, ("127.0.0.1", backend_port or node.port), find, on_change,
                        allow_insecure=node.tls is None, **link_options)  # type: ignore[arg-type]
     task = asyncio.create_task(link.run())
     try:
@@ -142,6 +143,13 @@ async def forward(record: PeerRecord, tensor: torch.Tensor, timeout_s: float = 1
         return decode(response.hidden)
     finally:
         await channel.close()
+
+
+async def settled(relay: Node) -> None:
+    """Until the relay carries no connection (the link's own path check has been torn down)."""
+    async with asyncio.timeout(5):
+        while relay.relay is not None and relay.relay.connections:
+            await asyncio.sleep(0.01)
 
 
 def run(coroutine: object) -> None:
@@ -204,17 +212,24 @@ def test_the_relay_sees_only_ciphertext(secure: bool) -> None:
 
 
 def test_a_relay_cannot_pass_another_server_off_as_the_relayed_peer() -> None:
-    """The client pins the relayed peer's certificate from its signed record: a relay (or a link) that
-    splices the connection to any other server fails the handshake instead of being believed."""
+    """The client pins the relayed peer's certificate from its signed record: a relay that splices the
+    connection to any other server (here: another peer it relays) fails the handshake instead of
+    being believed. A link whose own path does not lead back to itself never announces the relay."""
 
     async def scenario() -> None:
         relay, peer, impostor = await start_node(limits=RelayLimits()), await start_node(), await start_node()
         try:
-            async with relayed_through(peer, [relay], backend_port=impostor.port) as relayed:
-                target = peer.relayed_record(await relayed.registered())
+            async with relayed_through(impostor, [relay]) as relayed:
+                state = await relayed.registered()
+                # What a relay that sends connections for `peer` to the impostor would do.
+                target = peer.relayed_record(state).model_copy(update={"peer_id": impostor.identity.peer_id})
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await forward(target, _activation(), timeout_s=5)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert torch.equal(await forward(impostor.relayed_record(state), _activation()), _activation() * 2)
+            async with relayed_through(peer, [relay], backend_port=impostor.port, register_timeout_s=2.0) as wrong:
+                await asyncio.sleep(1.5)
+                assert not wrong.link.registered.is_set() and wrong.changes == []
         finally:
             for node in (peer, impostor, relay):
                 await node.stop()
@@ -230,6 +245,7 @@ def test_connection_caps_unknown_peers_and_byte_budgets_get_clear_refusals() -> 
         try:
             async with relayed_through(peer, [relay]) as relayed:
                 target = peer.relayed_record(await relayed.registered())
+                await settled(relay)
                 held = peer_channel(target, MESSAGE_BYTES)  # one connection, kept open
                 await pb_grpc.PeerStub(held).Info(pb.InfoRequest(), timeout=5)
                 with pytest.raises(grpc.aio.AioRpcError, match="503"):
