@@ -84,7 +84,8 @@ def run(
     relay_max_bytes: Annotated[str, typer.Option(
         help="Bytes relayed per relayed peer per hour, e.g. 4GiB (0 = no cap).")] = "4GiB",
     relayed_backend: Annotated[str | None, typer.Option(
-        hidden=True, help="host:port relayed connections are handed to (testbeds: a delay proxy).")] = None,
+        help="host:port a relayed peer hands its relayed connections to (default: its own gRPC port; "
+             "testbeds: a delay proxy).")] = None,
 ) -> None:
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
     if dtype not in ("float32", "bfloat16", "float16"):
