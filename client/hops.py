@@ -178,7 +178,7 @@ class HopStream:
     def next_hop(self) -> pb.NextHop:
         """How another peer reaches this hop's session (what its predecessor forwards to)."""
         return pb.NextHop(peer_id=self.peer_id, address=self.hop.peer.address, session_id=self.session_id,
-                          tls_cert=self.hop.peer.tls_cert)
+                          tls_cert=self.hop.peer.tls_cert, relay_peer_id=self.hop.peer.relay_peer_id)
 
     async def _read_answers(self) -> None:
         try:

@@ -106,6 +106,8 @@ class RemoteSwarm:
             return False
         if config.allowed_peers is not None and record.peer_id not in config.allowed_peers:
             return False
+        if record.reachable is False and not record.relay_peer_id:
+            return False  # cannot accept connections and has no relay (yet): nobody can reach it
         return bool(record.tls_cert) or config.allow_insecure
 
     async def measure(

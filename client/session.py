@@ -423,7 +423,8 @@ class InferenceSession:
                 following = route[index + 1]
                 if (hop.peer.peer_id, following.peer.peer_id) not in self._unforwardable:
                     next_hop = pb.NextHop(peer_id=following.peer.peer_id, address=following.peer.address,
-                                          session_id=session_ids[index + 1], tls_cert=following.peer.tls_cert)
+                                          session_id=session_ids[index + 1], tls_cert=following.peer.tls_cert,
+                                          relay_peer_id=following.peer.relay_peer_id)
             previous = route[index - 1].peer.peer_id if link_now and index > 0 else ""
             if previous and (previous, hop.peer.peer_id) in self._unforwardable:
                 previous = ""

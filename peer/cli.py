@@ -70,6 +70,22 @@ def run(
         help="Move only when the swarm's weakest point rises by at least this fraction.")] = 0.02,
     move_drain: Annotated[float, typer.Option(
         help="Seconds a moving peer lets open sessions leave before it closes them.")] = 30.0,
+    reachability: Annotated[str, typer.Option(
+        help="auto: ask other peers to dial back and serve through a relay if they cannot; direct: assume "
+             "reachable (no check); relayed: always serve through a relay.")] = "auto",
+    relay: Annotated[bool, typer.Option(
+        "--relay", help="Relay for peers that cannot accept connections (only while this peer is reachable).")]
+    = False,
+    relay_port: Annotated[int, typer.Option(help="TCP port relayed peers' clients connect to (0 = any).")] = 0,
+    relay_announce_port: Annotated[int | None, typer.Option(
+        help="Relay port clients dial (default: the bound --relay-port).")] = None,
+    relay_max_peers: Annotated[int, typer.Option(help="Peers relayed here at once.")] = 16,
+    relay_max_connections: Annotated[int, typer.Option(help="Client connections relayed at once.")] = 128,
+    relay_max_bytes: Annotated[str, typer.Option(
+        help="Bytes relayed per relayed peer per hour, e.g. 4GiB (0 = no cap).")] = "4GiB",
+    relayed_backend: Annotated[str | None, typer.Option(
+        help="host:port a relayed peer hands its relayed connections to (default: its own gRPC port; "
+             "testbeds: a delay proxy).")] = None,
 ) -> None:
     """Host layers START:END of MODEL, serve them over gRPC and announce them on the DHT."""
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -95,6 +111,17 @@ def run(
         max_memory_bytes = parse_bytes(max_memory) if max_memory else None
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    if reachability not in ("auto", "direct", "relayed"):
+        raise typer.BadParameter(f"--reachability must be auto, direct or relayed, got {reachability!r}")
+    for name, value in (("--relay-port", relay_port), ("--relay-announce-port", relay_announce_port or 1)):
+        if not 0 <= value < 65536:
+            raise typer.BadParameter(f"{name} must be a port number, got {value}")
+    if relay_max_peers < 1 or relay_max_connections < 1:
+        raise typer.BadParameter("--relay-max-peers and --relay-max-connections must be at least 1")
+    try:
+        relay_max_bytes_per_hour = parse_bytes(relay_max_bytes)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--relay-max-bytes") from e
     from brigade.kernels.loading import check_supported
     from brigade.kernels.span import UnsupportedModelError
 
@@ -140,6 +167,15 @@ def run(
         rebalance_period_s=max(0.0, rebalance_period),
         rebalance_min_gain=rebalance_gain,
         move_drain_s=max(0.0, move_drain),
+        reachability=reachability,
+        relay=relay,
+        relay_port=relay_port,
+        relay_announce_port=relay_announce_port,
+        relay_max_peers=relay_max_peers,
+        relay_max_connections=relay_max_connections,
+        relay_max_connections_per_peer=min(PeerConfig.relay_max_connections_per_peer, relay_max_connections),
+        relay_max_bytes_per_hour=relay_max_bytes_per_hour,
+        relayed_backend=relayed_backend,
     )
     from brigade.peer.server import main
 

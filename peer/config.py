@@ -54,6 +54,19 @@ class PeerConfig:
     rebalance_period_s: float = 120.0  # mean seconds between re-checks (jitter ±50%); 0 = never (auto layers only)
     rebalance_min_gain: float = 0.02  # a move must raise the swarm's soft-minimum throughput by this fraction
     move_drain_s: float = 30.0  # a moving peer lets open sessions leave this long, then closes them
+    # Reachability and relays (docs/relays.md)
+    reachability: str = "auto"  # auto (others dial back; relay if unreachable) | direct (no check) | relayed
+    probe_timeout_s: float = 3.0  # how long each prober tries to connect back
+    reachability_period_s: float = 600.0  # seconds between re-checks (60 s while unknown); 0 = at start only
+    relay_wait_s: float = 10.0  # at start, how long an unreachable peer waits for a relay before announcing anyway
+    relayed_backend: str | None = None  # "host:port" relayed connections are handed to; None = this peer's gRPC port
+    relay: bool = False  # offer relaying to unreachable peers (only while this peer is reachable itself)
+    relay_port: int = 0  # TCP port clients of relayed peers connect to; 0 = any free port
+    relay_announce_port: int | None = None  # that port as clients dial it (NAT forward, proxy); None = bound one
+    relay_max_peers: int = 16  # relayed peers registered here at once
+    relay_max_connections: int = 128  # client connections relayed at once, all relayed peers together
+    relay_max_connections_per_peer: int = 32  # ... and for one relayed peer
+    relay_max_bytes_per_hour: int = 4 << 30  # bytes relayed per relayed peer per clock hour; 0 = no cap
 
     @property
     def num_layers(self) -> int:

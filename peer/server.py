@@ -17,6 +17,7 @@ from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
 from brigade.peer.config import PeerConfig
+from brigade.peer.connectivity import Connectivity
 from brigade.peer.executor import SpanExecutor
 from brigade.peer.launcher import PEER_READY
 from brigade.peer.mover import SpanMover, Unloaded
@@ -63,6 +64,7 @@ class PeerServer:
         self._pings: NextHopPings | None = None
         self._rebalancer: Rebalancer | None = None
         self._loops: list[asyncio.Task[None]] = []  # pings and rebalancing, cancelled on drain/close
+        self._connectivity: Connectivity | None = None  # reachability, relaying (docs/relays.md)
 
     async def start(self) -> None:
         config = self.config
@@ -103,6 +105,8 @@ class PeerServer:
         )
         self._server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
         pb_grpc.add_PeerServicer_to_server(self._servicer, self._server)
+        self._connectivity = Connectivity(config, self.identity, self._dht, self.model_name)
+        self._connectivity.add_services(self._server)
         bind = f"{config.host}:{config.port}"
         if config.insecure:
             port = self._server.add_insecure_port(bind)
@@ -116,6 +120,10 @@ class PeerServer:
         from hivemind.utils import get_dht_time
 
         self.started_at = get_dht_time()
+        await self._connectivity.start(
+            direct_address=self.address, tls_cert=self.tls.cert_pem.decode() if self.tls else "", bound_port=port,
+            announce_now=self._announce_current)
+        print(self._connectivity.describe(), flush=True)
 
         self._announcer = Announcer(
             self._dht, self.identity, self._make_record,
@@ -126,6 +134,11 @@ class PeerServer:
         self._announce_task = asyncio.create_task(self._announcer.run(), name="announce")
         self._announce_task.add_done_callback(_log_task_failure)
         self._start_balance_loops(num_layers)
+
+    async def _announce_current(self) -> None:
+        """Re-announces now with the current state (the relay changed, or the reachability verdict)."""
+        if self._announcer is not None:
+            await self._announcer.announce_once(self._announcer.state)
 
     # -- balance: pings to the next layers' peers, periodic re-checks, moving (docs/routing.md) ------
     def _start_balance_loops(self, num_layers: int) -> None:
@@ -197,7 +210,6 @@ class PeerServer:
         return PeerRecord(
             peer_id=self.identity.peer_id,
             public_key=self.identity.public_key.hex(),
-            address=self.address,
             model_name=self.model_name,
             start_layer=self.config.start_layer,
             end_layer=self.config.end_layer,
@@ -214,6 +226,7 @@ class PeerServer:
             software_version=__version__,
             tls_cert=self.tls.cert_pem.decode() if self.tls else "",
             tls_spki_sha256=self.tls.spki_sha256 if self.tls else "",
+            **(self._connectivity.record_fields() if self._connectivity else {"address": self.address}),
         )
 
     def ready_line(self) -> str:
@@ -228,6 +241,7 @@ class PeerServer:
             "throughput": round(self.throughput, 2),
             "tls_cert": self.tls.cert_pem.decode() if self.tls else "",
             "prefill_throughput": round(self.prefill_throughput, 2),
+            **(self._connectivity.ready_fields() if self._connectivity else {}),
         }
         return f"{PEER_READY} {json.dumps(info)}"
 
@@ -260,6 +274,8 @@ class PeerServer:
             task.cancel()
         if self._announce_task is not None:
             self._announce_task.cancel()
+        if self._connectivity is not None:
+            await self._connectivity.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self._servicer is not None:

@@ -234,7 +234,8 @@ class PeerServicer(pb_grpc.PeerServicer):
         channel = self._channels.get(key)
         if channel is None:
             channel = dial(next_hop.address, next_hop.tls_cert, allow_insecure=self.config.insecure,
-                           max_message_bytes=self.config.max_message_bytes)
+                           max_message_bytes=self.config.max_message_bytes,
+                           relay_for=next_hop.peer_id if next_hop.relay_peer_id else "")
             self._channels[key] = channel
         return channel
 

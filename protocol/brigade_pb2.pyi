@@ -31,16 +31,18 @@ class Token(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., audience: _Optional[str] = ..., issued_at: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class NextHop(_message.Message):
-    __slots__ = ("peer_id", "address", "session_id", "tls_cert")
+    __slots__ = ("peer_id", "address", "session_id", "tls_cert", "relay_peer_id")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    RELAY_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     session_id: str
     tls_cert: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., tls_cert: _Optional[str] = ...) -> None: ...
+    relay_peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., tls_cert: _Optional[str] = ..., relay_peer_id: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("session_id", "start_layer", "end_layer", "batch_size", "max_length", "pad_lengths", "open_timeout_s", "token", "next", "upstream_peer_id", "keep_outputs")
@@ -265,3 +267,71 @@ class InfoResponse(_message.Message):
     compute_passes: int
     computed_steps: int
     def __init__(self, peer_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., open_sessions: _Optional[int] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., software_version: _Optional[str] = ..., started_at: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., compute_passes: _Optional[int] = ..., computed_steps: _Optional[int] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("address", "tls_cert", "token", "timeout_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    tls_cert: str
+    token: Token
+    timeout_s: float
+    def __init__(self, address: _Optional[str] = ..., tls_cert: _Optional[str] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ProbeResponse(_message.Message):
+    __slots__ = ("reachable", "detail", "observed_host", "rtt_ms")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_HOST_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    detail: str
+    observed_host: str
+    rtt_ms: float
+    def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ..., observed_host: _Optional[str] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
+
+class RelayRegister(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: Token
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ...) -> None: ...
+
+class RelayControl(_message.Message):
+    __slots__ = ("register",)
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    register: RelayRegister
+    def __init__(self, register: _Optional[_Union[RelayRegister, _Mapping]] = ...) -> None: ...
+
+class RelayRegistered(_message.Message):
+    __slots__ = ("address", "max_connections", "max_bytes_per_hour")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    max_connections: int
+    max_bytes_per_hour: int
+    def __init__(self, address: _Optional[str] = ..., max_connections: _Optional[int] = ..., max_bytes_per_hour: _Optional[int] = ...) -> None: ...
+
+class RelayIncoming(_message.Message):
+    __slots__ = ("connection_id",)
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    connection_id: bytes
+    def __init__(self, connection_id: _Optional[bytes] = ...) -> None: ...
+
+class RelayNotice(_message.Message):
+    __slots__ = ("registered", "incoming")
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
+    registered: RelayRegistered
+    incoming: RelayIncoming
+    def __init__(self, registered: _Optional[_Union[RelayRegistered, _Mapping]] = ..., incoming: _Optional[_Union[RelayIncoming, _Mapping]] = ...) -> None: ...
+
+class RelayChunk(_message.Message):
+    __slots__ = ("connection_id", "data")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    connection_id: bytes
+    data: bytes
+    def __init__(self, connection_id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -224,3 +224,190 @@ class Peer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReachabilityStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Probe = channel.unary_unary(
+                '/brigade.v1.Reachability/Probe',
+                request_serializer=brigade__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=brigade__pb2.ProbeResponse.FromString,
+                _registered_method=True)
+
+
+class ReachabilityServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReachabilityServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=brigade__pb2.ProbeRequest.FromString,
+                    response_serializer=brigade__pb2.ProbeResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'brigade.v1.Reachability', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('brigade.v1.Reachability', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Reachability:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/brigade.v1.Reachability/Probe',
+            brigade__pb2.ProbeRequest.SerializeToString,
+            brigade__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RelayStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Tunnel = channel.stream_stream(
+                '/brigade.v1.Relay/Tunnel',
+                request_serializer=brigade__pb2.RelayControl.SerializeToString,
+                response_deserializer=brigade__pb2.RelayNotice.FromString,
+                _registered_method=True)
+        self.Splice = channel.stream_stream(
+                '/brigade.v1.Relay/Splice',
+                request_serializer=brigade__pb2.RelayChunk.SerializeToString,
+                response_deserializer=brigade__pb2.RelayChunk.FromString,
+                _registered_method=True)
+
+
+class RelayServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Tunnel(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Splice(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RelayServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Tunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Tunnel,
+                    request_deserializer=brigade__pb2.RelayControl.FromString,
+                    response_serializer=brigade__pb2.RelayNotice.SerializeToString,
+            ),
+            'Splice': grpc.stream_stream_rpc_method_handler(
+                    servicer.Splice,
+                    request_deserializer=brigade__pb2.RelayChunk.FromString,
+                    response_serializer=brigade__pb2.RelayChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'brigade.v1.Relay', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('brigade.v1.Relay', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Relay:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Tunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/brigade.v1.Relay/Tunnel',
+            brigade__pb2.RelayControl.SerializeToString,
+            brigade__pb2.RelayNotice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Splice(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/brigade.v1.Relay/Splice',
+            brigade__pb2.RelayChunk.SerializeToString,
+            brigade__pb2.RelayChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

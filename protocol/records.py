@@ -112,6 +112,8 @@ class PeerRecord(SignedFields):
     # public key: what clients pin
     reachable: bool | None = None  # the peer's own reachability verdict; None = not checked
     relay_peer_id: _Id = ""  # set when clients reach this peer through a relay (address is the relay's)
+    relay_address: Annotated[str, StringConstraints(max_length=300)] = ""  # "host:port" where this peer
+    # relays for unreachable peers (its relay port, docs/relays.md); "" = it offers no relaying
 
     def spans(self, start: int, end: int) -> bool:
         return self.start_layer <= start and end <= self.end_layer
@@ -215,6 +217,8 @@ def _wire_problem(record: SignedFields) -> str | None:
         return "tls_cert is not PEM text"
     if record.relay_peer_id and not _RELAY_ID.fullmatch(record.relay_peer_id):
         return "relay_peer_id is not a peer id"
+    if record.relay_address and parse_address(record.relay_address) is None:
+        return "relay_address is not host:port"
     if not all(_RELAY_ID.fullmatch(peer) for peer in record.pings):
         return "pings must be keyed by peer ids"
     return None

@@ -65,6 +65,11 @@ class Announcer:
         self._last_expiration = float("-inf")
         self._rng = random.Random()
 
+    @property
+    def state(self) -> PeerState:
+        """The state the loop keeps announcing ("leaving" once draining or while moving)."""
+        return self._state
+
     async def announce_once(self, state: str = "online") -> bool:
         """Stores one fresh record with ``state``; True when at least one DHT node accepted it.
 

@@ -14,6 +14,10 @@ peer's tail can be left to a faster one) costs
   hops forward to each other, half the previous peer's announced round trip to it;
 - a penalty when the peer announced less free cache than the session needs (it would queue or
   refuse), so a full fast peer is used only when nothing else serves those layers.
+- a relayed peer (behind a home router, reached through a relay: docs/relays.md) not measured
+  yet costs ``relay_hop_ms`` more than the default round trip: its traffic crosses the relay too.
+  Once measured, the round trip already includes the relay. Among next hops within ``slack`` of
+  the best, direct peers are preferred: a relayed one is drawn only when no direct one is as good.
 
 The search runs backwards over the ``L`` boundaries with numpy over all peers at once: each
 peer keeps the best exit found so far (a running minimum, since exits only move forward), so a
@@ -72,6 +76,7 @@ class RouteCosts:
     cache_penalty_ms: float = CACHE_PENALTY_MS  # added to a peer that announced less free cache
     forwarding: bool = False  # hops send activations to the next peer (announced pings), not back to the client
     slack: float = 0.0  # pick at random among next hops within this fraction of the best total
+    relay_hop_ms: float = DEFAULT_RTT_MS  # added round trip of a relayed peer not measured yet (the relay's leg)
 
 
 def _check_range(start: int, end: int) -> None:
@@ -150,6 +155,7 @@ class _Search:
     ends: np.ndarray  # [P] end layer, clipped to the route's end
     tau: np.ndarray  # [P] ms per layer per token
     penalty: np.ndarray  # [P] ms added to any hop on the peer (short of cache)
+    relayed: np.ndarray  # [P] bool: reached through a relay (a direct peer wins ties)
     enter: np.ndarray  # [P] ms to reach the peer from the client (first hop; every hop when relaying)
     link: np.ndarray  # [P] ms to reach the peer from a peer that announced no ping to it
     back: np.ndarray  # [P] ms from the peer back to the client after the last hop
@@ -202,8 +208,9 @@ class _Search:
 
 
 def _prepare(usable: list[PeerRecord], end: int, costs: RouteCosts) -> _Search:
-    default_rtt = costs.default_rtt_ms
-    rtt = np.maximum(np.array([costs.rtt_ms.get(p.peer_id, default_rtt) for p in usable], dtype=float), _MIN_MS)
+    relayed = np.array([bool(p.relay_peer_id) for p in usable], dtype=bool)
+    rtt = np.maximum(np.array([costs.rtt_ms.get(p.peer_id, _default_rtt(p, costs)) for p in usable], dtype=float),
+                     _MIN_MS)
     free = np.array([p.free_cache_tokens for p in usable], dtype=np.int64)
     short = (free < costs.cache_tokens) if costs.cache_tokens > 0 else np.zeros(len(usable), dtype=bool)
     penalty = np.where(short, costs.cache_penalty_ms, 0.0)
@@ -232,6 +239,7 @@ def _prepare(usable: list[PeerRecord], end: int, costs: RouteCosts) -> _Search:
         ends=np.minimum(np.array([p.end_layer for p in usable]), end),
         tau=layer_ms(usable, costs),
         penalty=penalty,
+        relayed=relayed,
         enter=enter,
         link=link,
         back=back,
@@ -284,19 +292,26 @@ def find_route(
     previous: int | None = None
     position = start
     while position < end:
-        index = _pick(search.arrival(previous) + search.after[position], costs.slack, rng)
+        index = _pick(search.arrival(previous) + search.after[position], costs.slack, rng, search.relayed)
         hop_end = int(search.exits[position][index])
         route.append(Hop(usable[index], position, hop_end))
         previous, position = index, hop_end
     return route
 
 
-def _pick(totals: np.ndarray, slack: float, rng: random.Random) -> int:
+def _default_rtt(peer: PeerRecord, costs: RouteCosts) -> float:
+    """The round trip assumed for a peer the client has not measured: a relayed one crosses its relay too."""
+    return costs.default_rtt_ms + (costs.relay_hop_ms if peer.relay_peer_id else 0.0)
+
+
+def _pick(totals: np.ndarray, slack: float, rng: random.Random, relayed: np.ndarray | None = None) -> int:
     best = float(totals.min())
     if math.isinf(best):
         raise AssertionError("the backward pass found a route but the forward pass lost it")
     limit = best + abs(best) * max(slack, _TIE)
     choices = np.flatnonzero(totals <= limit)
+    if relayed is not None and not relayed[choices].all():
+        choices = choices[~relayed[choices]]  # direct peers first: relays are volunteers' shared bandwidth
     return int(choices[rng.randrange(len(choices))])
 
 
@@ -308,7 +323,7 @@ def route_ms(route: list[Hop], records: Iterable[PeerRecord], costs: RouteCosts 
     total = 0.0
     for index, hop in enumerate(route):
         peer_id = hop.peer.peer_id
-        rtt = max(costs.rtt_ms.get(peer_id, costs.default_rtt_ms), _MIN_MS)
+        rtt = max(costs.rtt_ms.get(peer_id, _default_rtt(hop.peer, costs)), _MIN_MS)
         short = costs.cache_tokens > 0 and hop.peer.free_cache_tokens < costs.cache_tokens
         total += (hop.end - hop.start) * tau.get(peer_id, 0.0) + (costs.cache_penalty_ms if short else 0.0)
         if not costs.forwarding:

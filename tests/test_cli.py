@@ -9,7 +9,8 @@ import pytest
 
 EXPECTED_OPTIONS = {
     ("dht",): ["--initial-peers", "--identity"],
-    ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory"],
+    ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory",
+                      "--reachability", "--relay", "--relay-port", "--relay-max-bytes"],
     ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p"],
     ("demo",): ["--prompt", "--peers", "--max-new-tokens"],
     ("serve",): ["--initial-peers", "--host", "--port", "--api-key"],

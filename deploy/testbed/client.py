@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 RESULT_MARK = "BRIGADE_TESTBED_RESULT"
+PROGRESS_MARK = "BRIGADE_TESTBED_TOKEN"  # with --progress: one line per token as it arrives (index, seconds)
 
 
 @dataclass
@@ -27,6 +28,15 @@ class ClientRun:
     tokens: list[int]  # new tokens only, batch of one
     token_times_s: list[float]  # when each new token arrived, from the start of the generation
     route: list[str]  # "peer_id[start:end]" per hop, as the client used it
+
+
+_progress = False  # set by --progress
+
+
+def report_progress(index: int, seconds: float) -> None:
+    """One line per token, so a test can act mid-generation (kill a peer after the N-th token)."""
+    if _progress:
+        print(f"{PROGRESS_MARK} {index} {seconds:.3f}", flush=True)
 
 
 def _greedy(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int,
@@ -43,6 +53,7 @@ def _greedy(model: str, initial_peers: list[str], prompt_ids: list[int], new_tok
         for step in distributed.stream(input_ids, max_new_tokens=new_tokens, do_sample=False):
             times.append(time.perf_counter() - began)
             tokens.append(int(step[0]))
+            report_progress(len(tokens), times[-1])
         return ClientRun(tokens, times, list(distributed.last_route))
 
 
@@ -83,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--mode", choices=sorted(MODES), default="forwarding")
+    parser.add_argument("--progress", action="store_true", help="print a line per token as it arrives")
     options = parser.parse_args(argv)
+    global _progress
+    _progress = options.progress
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if options.prompt_ids:
         prompt_ids = [int(token) for token in options.prompt_ids.split(",")]
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         parser.error("give --prompt-ids or --prompt")
     run = MODES[options.mode](options.model, options.initial_peers, prompt_ids, options.new_tokens)
-    print(f"{RESULT_MARK} {json.dumps({'prompt_ids': prompt_ids, **asdict(run)})}", flush=True)
+    print(f"{RESULT_MARK} {json.dumps({'prompt_ids': prompt_ids, 'mode': options.mode, **asdict(run)})}", flush=True)
 
 
 if __name__ == "__main__":

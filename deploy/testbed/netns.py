@@ -279,11 +279,12 @@ class Network:
         self.profile = profile
         self.emulation = emulation
         self.netem = False  # decided by create(): the kernel adds delay itself
+        self.extra_namespaces: list[str] = []  # namespaces off the bridge (homes behind routers: homes.py)
         self._created = False
 
     @property
     def namespaces(self) -> list[str]:
-        return [host.namespace for host in self.hosts] + [hub_namespace(self.run_id)]
+        return [host.namespace for host in self.hosts] + self.extra_namespaces + [hub_namespace(self.run_id)]
 
     def create(self) -> None:
         write_marker(self.run_id)

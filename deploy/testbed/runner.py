@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brigade.deploy.testbed.client import FORWARDING_MODES, RESULT_MARK
+from brigade.deploy.testbed.client import FORWARDING_MODES, PROGRESS_MARK, RESULT_MARK
+from brigade.deploy.testbed.homes import Home, build_home, plan_home
 from brigade.deploy.testbed.netns import Host, Network, new_run_id, plan_hosts, sweep_stale
 from brigade.deploy.testbed.processes import HostProcess, spawn, stop_all
 from brigade.deploy.testbed.profiles import NetProfile, get_profile
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 PEER_PORT = 31330  # what clients dial on every peer host (the proxy, or the peer itself under netem)
 BACKEND_PORT = 31331  # the peer's own gRPC port behind the proxy, on the host's loopback
 DHT_PORT = 31337  # every host's DHT node
+RELAY_PORT = 31332  # what relayed peers' clients dial on a relay host (the proxy, or the relay port itself)
+RELAY_BACKEND_PORT = 31333  # the relay port behind its proxy, on the host's loopback
 PROXY_READY = "BRIGADE_PROXY_READY"
 
 
@@ -53,6 +56,8 @@ class TestbedConfig:
     peer_threads: int = 1  # torch threads per peer
     peer_args: tuple[str, ...] = ("--drain-grace", "1")  # more `brigade peer run` flags for every peer
     log_dir: str | None = None  # where each process logs; a fresh temporary folder when None
+    home_peers: tuple[int, ...] = ()  # peers (by index) behind a home router each: NAT, nothing connects in
+    relays: tuple[int, ...] = ()  # peers (by index) that relay for unreachable ones (--relay)
     start_timeout_s: float = 180.0  # bound on the bootstrap and on all peers becoming ready
     generate_timeout_s: float = 300.0  # bound on one client run
 
@@ -112,9 +117,15 @@ class Testbed:
         self.run_id = new_run_id()
         self.log_dir = Path(config.log_dir) if config.log_dir else None
         rtts = self.profile.hop_rtts(len(config.spans), config.seed)
-        roles = ["boot", *[f"p{index}" for index in range(len(config.spans))], "client"]
-        self.hosts = plan_hosts(self.run_id, roles, {f"p{i}": rtt for i, rtt in enumerate(rtts)}, config.subnet)
-        self.network = Network(self.run_id, self.hosts, self.profile, emulation=config.emulation)
+        # A peer at home is role pN behind a router rN on the bridge; the router carries the home's link.
+        on_bridge = [f"r{i}" if i in config.home_peers else f"p{i}" for i in range(len(config.spans))]
+        roles = ["boot", *on_bridge, "client"]
+        self.hosts = plan_hosts(self.run_id, roles, dict(zip(on_bridge, rtts, strict=True)), config.subnet)
+        self.network = Network(self.run_id, list(self.hosts), self.profile, emulation=config.emulation)
+        self.homes: list[Home] = [plan_home(self._bridge_host(f"r{i}"), f"p{i}", n, self.run_id)
+                                  for n, i in enumerate(sorted(set(config.home_peers)))]
+        self.hosts += [home.host for home in self.homes]
+        self.network.extra_namespaces += [home.host.namespace for home in self.homes]
         self.processes: list[HostProcess] = []
         self.peers: list[HostProcess] = []
         self.initial_peers: list[str] = []
@@ -138,22 +149,43 @@ class Testbed:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="brigade-testbed-"))
         self.network.create()
+        for home in self.homes:
+            build_home(home)
         boot = self.network.host("boot")
         bootstrap = self._spawn(boot, "bootstrap", ["-m", "brigade", "dht", "--listen",
                                                     f"/ip4/{boot.address}/tcp/{DHT_PORT}"])
         info = bootstrap.wait_ready(DHT_READY, self.config.start_timeout_s)
         self.initial_peers = [str(maddr) for maddr in info["maddrs"]]  # type: ignore[union-attr]
         proxies = [] if self.network.netem else [self._start_proxy(host) for host in self._peer_hosts()]
-        self.peers = [self._start_peer(host, span) for host, span in zip(self._peer_hosts(), self.config.spans,
-                                                                          strict=True)]
+        if not self.network.netem:
+            proxies += [self._start_proxy(self._peer_hosts()[i], RELAY_BACKEND_PORT, RELAY_PORT, "relay")
+                        for i in sorted(set(self.config.relays))]
+        # Peers at home join a running swarm, as volunteers do: they need others to check their
+        # reachability and to relay for them.
+        homes = {home.host.role for home in self.homes}
+        starts = {host.role: (host, span) for host, span in zip(self._peer_hosts(), self.config.spans, strict=True)}
+        launched: dict[str, HostProcess] = {}
         for proxy in proxies:
             proxy.wait_ready(PROXY_READY, self.config.start_timeout_s)
-        for peer in self.peers:
-            peer.wait_ready(PEER_READY, self.config.start_timeout_s)
+        for batch in ([role for role in starts if role not in homes], [role for role in starts if role in homes]):
+            for role in batch:
+                launched[role] = self._start_peer(*starts[role])
+            for role in batch:
+                launched[role].wait_ready(PEER_READY, self.config.start_timeout_s)
+        self.peers = [launched[host.role] for host in self._peer_hosts()]
         logger.info("testbed %s ready: %d peers, logs in %s", self.run_id, len(self.peers), self.log_dir)
 
     def _peer_hosts(self) -> list[Host]:
-        return [host for host in self.hosts if host.role.startswith("p")]
+        """The host of each peer, in span order (a home peer's is its host behind the router)."""
+        by_role = {host.role: host for host in self.hosts}
+        return [by_role[f"p{index}"] for index in range(len(self.config.spans))]
+
+    def _bridge_host(self, role: str) -> Host:
+        return next(host for host in self.hosts if host.role == role)
+
+    def home_of(self, index: int) -> Home | None:
+        """The home (router and host) of peer ``index``, or None when it is on the bridge itself."""
+        return next((home for home in self.homes if home.host.role == f"p{index}"), None)
 
     def _spawn(self, host: Host, name: str, args: list[str], threads: int | None = None) -> HostProcess:
         assert self.log_dir is not None
@@ -161,21 +193,32 @@ class Testbed:
         self.processes.append(launched)
         return launched
 
-    def _start_proxy(self, host: Host) -> HostProcess:
+    def _start_proxy(self, host: Host, backend: int = BACKEND_PORT, port: int = PEER_PORT,
+                     kind: str = "proxy") -> HostProcess:
         link = self.profile.link(host.rtt_ms)
-        return self._spawn(host, f"proxy-{host.role}", [
-            "-m", "brigade.deploy.delay_proxy", f"127.0.0.1:{BACKEND_PORT}",
-            "--listen", f"{host.address}:{PEER_PORT}",
+        return self._spawn(host, f"{kind}-{host.role}", [
+            "-m", "brigade.deploy.delay_proxy", f"127.0.0.1:{backend}",
+            "--listen", f"{host.address}:{port}",
             "--delay-ms", f"{link.delay_ms:g}", "--jitter-ms", f"{link.jitter_ms:g}",
             "--stall-rate", f"{link.stall_rate_per_s:g}", "--stall-ms", f"{link.stall_ms:g}",
         ])
 
     def _start_peer(self, host: Host, span: tuple[int, int]) -> HostProcess:
+        index = int(host.role[1:])
+        home = self.home_of(index)
+        # A volunteer at home announces the router's public address but forwarded no port: probes
+        # really dial it and get nothing.
+        public = home.router.address if home is not None else host.address
         if self.network.netem:
-            bind = ["--host", host.address, "--port", str(PEER_PORT)]
+            bind = ["--host", host.address, "--port", str(PEER_PORT), "--announce-host", public]
         else:
             bind = ["--host", "127.0.0.1", "--port", str(BACKEND_PORT),
-                    "--announce-host", host.address, "--announce-port", str(PEER_PORT)]
+                    "--announce-host", public, "--announce-port", str(PEER_PORT)]
+            if home is not None:  # relayed connections come in through the home's own (delayed) link
+                bind += ["--relayed-backend", f"{host.address}:{PEER_PORT}"]
+        if index in self.config.relays:
+            bind += (["--relay", "--relay-port", str(RELAY_PORT)] if self.network.netem else
+                     ["--relay", "--relay-port", str(RELAY_BACKEND_PORT), "--relay-announce-port", str(RELAY_PORT)])
         args = ["-m", "brigade", "peer", "run", self.config.model, "--layers", f"{span[0]}:{span[1]}",
                 *bind, "--dht-listen", f"/ip4/{host.address}/tcp/{DHT_PORT}",
                 "--num-threads", str(self.config.peer_threads), *self.config.peer_args]
@@ -187,10 +230,16 @@ class Testbed:
     def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,
                  mode: str = "forwarding") -> GenerationResult:
         """Runs the client on the client host once and returns its tokens, timings and route."""
+        client = self.start_generation(prompt_ids=prompt_ids, prompt=prompt, new_tokens=new_tokens, mode=mode)
+        return self.finish_generation(client)
+
+    def start_generation(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None,
+                         new_tokens: int = 16, mode: str = "forwarding") -> HostProcess:
+        """Starts the client and returns at once; it logs a progress line per token (``tokens_so_far``)."""
         if not self.peers:
             raise RuntimeError("start the testbed first")
         args = ["-m", "brigade.deploy.testbed.client", self.config.model, "--new-tokens", str(new_tokens),
-                "--mode", mode]
+                "--mode", mode, "--progress"]
         if prompt_ids is not None:
             args += ["--prompt-ids", ",".join(str(token) for token in prompt_ids)]
         elif prompt is not None:
@@ -199,8 +248,17 @@ class Testbed:
             raise ValueError("give prompt_ids or prompt")
         for maddr in self.initial_peers:
             args += ["--initial-peers", maddr]
+        return self._spawn(self.network.host("client"), f"client-{len(self.processes)}", args)
+
+    @staticmethod
+    def tokens_so_far(client: HostProcess) -> int:
+        """How many tokens a running client has produced (from its progress lines)."""
+        text = client.log_path.read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if line.startswith(PROGRESS_MARK + " "))
+
+    def finish_generation(self, client: HostProcess) -> GenerationResult:
+        """Waits for a client from ``start_generation`` (bounded) and returns its result."""
         with _signals_as_interrupts():
-            client = self._spawn(self.network.host("client"), f"client-{len(self.processes)}", args)
             try:
                 client.process.wait(self.config.generate_timeout_s)
             except subprocess.TimeoutExpired:
@@ -213,7 +271,7 @@ class Testbed:
             raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
         data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
         result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"],
-                                  mode=mode)
+                                  mode=data.get("mode", "forwarding"))
         by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
         result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
         return result
