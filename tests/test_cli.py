@@ -10,7 +10,8 @@ import pytest
 EXPECTED_OPTIONS = {
     ("dht",): ["--initial-peers", "--identity"],
     ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory"],
-    ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p"],
+    ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
+                    "--draft-model"],
     ("demo",): ["--prompt", "--peers", "--max-new-tokens"],
     ("serve",): ["--initial-peers", "--host", "--port", "--api-key"],
 }
