@@ -71,6 +71,7 @@ def run_generation(model: str, prompt: str, initial_peers: list[str], *, max_new
           f"(first token {1000 * (first_token_s or 0):.0f} ms)")
     print(f"route: {route}")
     if speculation is not None and speculation.rounds:
-        print(f"speculation: {speculation.acceptance_rate:.0%} of {speculation.drafted} drafted tokens accepted, "
+        print(f"speculation: {speculation.acceptance_rate:.0%} of {speculation.drafted} drafted tokens accepted "
+              f"(the draft was right on {speculation.draft_agreement:.0%} of those checked), "
               f"{speculation.tokens_per_step:.2f} tokens per step over {len(speculation.rounds)} steps")
     return printed

@@ -356,6 +356,7 @@ class RoundRecord:
     positions: int  # positions the step sent: the tokens the swarm had not seen, then the drafts
     drafted: int  # k
     accepted: int  # drafts kept (the model's own next token comes on top)
+    rejected: bool  # a draft was found wrong (false when every draft was kept, or EOS / the end cut it short)
     draft_ms: float
     step_ms: float
     session_length: int  # the client session's length after the step
@@ -378,8 +379,15 @@ class SpeculationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Share of drafted tokens that were kept (NaN before any draft)."""
+        """Share of drafted tokens that were kept (NaN before any draft); lower than the draft's
+        per-token agreement, since drafts after a wrong one are dropped unchecked."""
         return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def draft_agreement(self) -> float:
+        """How often a checked draft was right: kept / (kept + rejections), the α that k adapts to."""
+        checked = self.accepted + sum(record.rejected for record in self.rounds)
+        return self.accepted / checked if checked else float("nan")
 
     @property
     def tokens_per_step(self) -> float:
@@ -464,7 +472,8 @@ class SpeculativeDecoder:
         self.emitted += len(emitted)
         self.length.observe(k, kept, rejected, step.draft_s, report.elapsed_s, step.positions)
         self.stats.rounds.append(RoundRecord(
-            start=step.start, positions=step.positions, drafted=k, accepted=kept, draft_ms=1000 * step.draft_s,
+            start=step.start, positions=step.positions, drafted=k, accepted=kept, rejected=rejected,
+            draft_ms=1000 * step.draft_s,
             step_ms=1000 * report.elapsed_s, session_length=report.session_length, peer_lengths=report.peer_lengths))
         return emitted
 

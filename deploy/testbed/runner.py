@@ -64,6 +64,7 @@ class GenerationResult:
     token_times_s: list[float]
     route: list[str]  # peer ids with spans, as the client reported them
     hops: list[Host] = field(default_factory=list)  # the hosts those peers live on, in route order
+    speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
 
     @property
     def first_token_ms(self) -> float:
@@ -179,12 +180,14 @@ class Testbed:
 
     # -- generate ------------------------------------------------------------------------------
     def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,
-                 mode: str = "client") -> GenerationResult:
+                 mode: str = "client", draft_model: str | None = None) -> GenerationResult:
         """Runs the client on the client host once and returns its tokens, timings and route."""
         if not self.peers:
             raise RuntimeError("start the testbed first")
         args = ["-m", "brigade.deploy.testbed.client", self.config.model, "--new-tokens", str(new_tokens),
                 "--mode", mode]
+        if draft_model is not None:
+            args += ["--draft-model", draft_model]
         if prompt_ids is not None:
             args += ["--prompt-ids", ",".join(str(token) for token in prompt_ids)]
         elif prompt is not None:
@@ -206,7 +209,8 @@ class Testbed:
         if client.process.returncode != 0 or not lines:
             raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
         data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
-        result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"])
+        result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"],
+                                  speculation=data.get("speculation"))
         by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
         result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
         return result

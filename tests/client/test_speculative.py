@@ -275,6 +275,7 @@ def test_greedy_through_the_swarm_is_identical_with_and_without_a_draft(
         stats = model.last_speculation
         assert plain.tolist() == expected.tolist() == speculative.tolist()
         assert 0 < stats.acceptance_rate < 1, stats.acceptance_rate
+        assert 0 < stats.draft_agreement < 1, stats.draft_agreement
         assert len(stats.rounds) < NEW_TOKENS, "speculation settled more than one token per step"
         assert_rolled_back_and_lengths_agree(stats, hops=3)
 
