@@ -6,20 +6,25 @@
 Each (profile, hop count) gets a fresh testbed (deploy/testbed: one network namespace per peer,
 tbf bandwidth, a delay proxy or netem for latency), peers splitting an 8-layer Llama-shaped
 checkpoint built here from a fixed seed, and a client on its own host. It prints ms/token (decode
-steps after the first token) against the floor of one round trip per hop per token: the sum of
-the round trips of the hops the client actually used. What is above the floor is compute,
+steps after the first token) against the floor of the mode on the route the client actually used:
+one round trip per hop when the client calls each hop (``client``), one way into each hop plus one
+way back from the last when peers forward (``forwarding``). What is above the floor is compute,
 serialization and the client's own work per hop.
 
-``--modes`` names how tokens travel through the pipeline (``brigade.deploy.testbed.client.MODES``):
-``client`` (plain decoding) and ``speculative`` (a local draft proposes tokens that the swarm
-checks several per step), compared by listing them, e.g. ``--modes client,speculative``; every
-mode runs on the same testbed, on the same links. The draft is the benchmark's checkpoint with
-its decoder weights perturbed by ``--draft-noise`` (times each weight's spread): as costly to run
-as the model itself on the client, and right on a fraction of tokens that the noise sets (0.01:
-about 60% of greedy tokens). Its line adds the acceptance, the settled tokens per step, the mean
-drafted k and the draft's time per drafted token.
+``--modes`` names how tokens travel through the pipeline (``brigade.deploy.testbed.client.MODES``),
+e.g. ``--modes client,forwarding,speculative``; every mode runs on the same testbed, on the same
+links. ``speculative`` is forwarding plus a local draft model whose tokens the swarm checks several
+per step; its floor is forwarding's (one step's trips), which it goes below by settling several
+tokens per step. The draft is the benchmark's checkpoint with its decoder weights perturbed by
+``--draft-noise`` (times each weight's spread): as costly to run as the model itself on the
+client, and right on a fraction of tokens that the noise sets. Its line adds the acceptance rate,
+the settled tokens per step, the mean drafted k and the draft's time per drafted token.
 
-    sudo python benchmarks/wan.py --profiles internet --hops 4 --modes client,speculative --new-tokens 48
+``--one-way-ms`` gives every peer the same fixed delay each way instead of the profile's range
+(the issue's figure: 4 hops behind the delay proxy at 25 ms one-way):
+
+    sudo python benchmarks/wan.py --profiles lan --hops 4 --one-way-ms 25 --emulation proxy \
+        --modes client,forwarding,speculative --new-tokens 48
 
 Needs root (network namespaces). Starts up to 10 processes per testbed: take the shared swarm
 lock on a shared machine (``flock /tmp/brigade-swarm.lock python benchmarks/wan.py``).
@@ -84,13 +89,13 @@ def _decode_ms(result: GenerationResult) -> tuple[float, float]:
     return 1000 * (times[-1] - times[first - 1]) / (len(times) - first), stats["median_round_ms"]
 
 
-def _speculation(result: object) -> str:
-    stats = getattr(result, "speculation", None)
+def _speculation(result: GenerationResult) -> str:
+    stats = result.speculation
     if not stats:
         return ""
-    return (f"  {stats['acceptance_rate']:.0%} of drafts accepted (draft right {stats['draft_agreement']:.0%} "
+    return (f"  acceptance {stats['acceptance_rate']:.0%} (draft right on {stats['draft_agreement']:.0%} "
             f"of checked tokens), {stats['tokens_per_step']:.2f} tokens/step, "
-            f"k {stats['mean_k']:.1f}, draft {stats['draft_ms_per_token']:.1f} ms/token")
+            f"mean k {stats['mean_k']:.1f}, draft {stats['draft_ms_per_token']:.1f} ms/drafted token")
 
 
 def _csv(text: str) -> list[str]:
@@ -101,10 +106,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", default="lan,internet,bad", help=f"comma-separated: {', '.join(PROFILES)}")
     parser.add_argument("--hops", default="2,4,8", help="comma-separated peer counts (at most 8: one layer each)")
-    parser.add_argument("--modes", default="client", help=f"comma-separated: {', '.join(sorted(MODES))}")
+    parser.add_argument("--modes", default="client,forwarding", help=f"comma-separated: {', '.join(sorted(MODES))}")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="draws the peers' round trips within a profile")
     parser.add_argument("--emulation", default="auto", help="auto | proxy | netem")
+    parser.add_argument("--one-way-ms", type=float, default=None,
+                        help="every peer's delay each way, instead of the profile's range of round trips")
     parser.add_argument("--draft-noise", type=float, default=0.01,
                         help="the speculative mode's draft: noise on the model's weights (sets its acceptance)")
     options = parser.parse_args()
@@ -126,6 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="brigade-wan-") as folder:
         checkpoint = build_checkpoint(Path(folder) / "llama-8l")
         draft = build_draft(checkpoint, Path(folder) / "draft", options.draft_noise) if "speculative" in modes else None
+        rtt_ms = None if options.one_way_ms is None else 2 * options.one_way_ms
         header = (f"{'profile':<9} {'hops':>4}  {'mode':<11} {'ms/token':>9} {'median':>8} {'floor ms':>9} "
                   f"{'above floor':>11} {'x floor':>8} {'1st token':>10}  same tokens")
         print(header)
@@ -136,7 +144,8 @@ def main() -> None:
             for hops in hops_list:
                 spans = tuple(split_layers(SHAPE["num_hidden_layers"], hops))
                 config = TestbedConfig(model=str(checkpoint), spans=spans, profile=name, seed=options.seed,
-                                       emulation=options.emulation, log_dir=str(Path(folder) / f"{name}-{hops}"))
+                                       rtt_ms=rtt_ms, emulation=options.emulation,
+                                       log_dir=str(Path(folder) / f"{name}-{hops}"))
                 with Testbed(config) as testbed:
                     for mode in modes:
                         result = testbed.generate(prompt_ids=PROMPT, new_tokens=options.new_tokens, mode=mode,
@@ -151,8 +160,9 @@ def main() -> None:
                               f"{_speculation(result)}",
                               flush=True)
         print(f"({options.new_tokens} greedy tokens per run, ms/token = mean decode step after the first token; "
-              f"floor = sum of the route's round trips; speculative: ms/token after the first step, median of "
-              f"rounds; 8-layer Llama, hidden {SHAPE['hidden_size']}, fp32 CPU, "
+              "floor: client = the route's round trips, forwarding and speculative = one way per hop + one back; "
+              "speculative: ms/token after the first step, median of rounds (draft + step); "
+              f"8-layer Llama, hidden {SHAPE['hidden_size']}, fp32 CPU, "
               f"1 torch thread per peer; {time.monotonic() - began:.0f} s in all)")
 
 

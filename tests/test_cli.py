@@ -11,7 +11,7 @@ EXPECTED_OPTIONS = {
     ("dht",): ["--initial-peers", "--identity"],
     ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory"],
     ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
-                    "--draft-model"],
+                    "--draft-model", "--draft-tokens"],
     ("demo",): ["--prompt", "--peers", "--max-new-tokens"],
     ("serve",): ["--initial-peers", "--host", "--port", "--api-key"],
 }

@@ -2,11 +2,12 @@
 
 ``python -m brigade.deploy.testbed.client MODEL --initial-peers MADDR --prompt-ids 1,2,3``
 
-A mode is how tokens travel through the pipeline. ``client`` is the client-driven pipeline of
-today (one round trip per hop per token); ``speculative`` adds a local draft model
-(``--draft-model``) whose tokens the swarm checks several per step. New modes are entries in
-``MODES`` with the same signature; the testbed and ``benchmarks/wan.py`` pass ``--mode`` through
-unchanged.
+A mode is how tokens travel through the pipeline: ``client`` is client-driven (the client calls
+each hop in turn: one round trip per hop per token), ``forwarding`` (the library's default) has
+each peer send its output straight to the next peer (one trip per hop plus one back), and
+``speculative`` is forwarding plus a local draft model (``--draft-model``) whose tokens the swarm
+checks several per step. Every mode has the same signature; the testbed and ``benchmarks/wan.py``
+pass ``--mode`` through unchanged.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ class ClientRun:
     speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
 
 
-def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
-    """Greedy decoding through ``DistributedModelForCausalLM``: the client calls each hop in turn."""
+def _greedy(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int,
+            **client_options: object) -> ClientRun:
+    """Greedy decoding through ``DistributedModelForCausalLM`` with the given client options."""
     import torch
 
     from brigade.client import DistributedModelForCausalLM
 
-    with DistributedModelForCausalLM.from_pretrained(model, initial_peers) as distributed:
+    with DistributedModelForCausalLM.from_pretrained(model, initial_peers, **client_options) as distributed:
         input_ids = torch.tensor([prompt_ids])
         tokens, times = [], []
         began = time.perf_counter()
@@ -48,9 +50,19 @@ def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], n
         return ClientRun(tokens, times, list(distributed.last_route))
 
 
+def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
+    """The client calls each hop in turn."""
+    return _greedy(model, initial_peers, prompt_ids, new_tokens, forwarding=False)
+
+
+def forwarding(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
+    """Each peer sends its output straight to the next; the last answers the client."""
+    return _greedy(model, initial_peers, prompt_ids, new_tokens, forwarding=True)
+
+
 def speculative(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int,
                 draft_model: str | None = None) -> ClientRun:
-    """Greedy decoding with a local draft (``--draft-model``) whose tokens the swarm checks several per step."""
+    """Forwarding plus a local draft (``--draft-model``) whose tokens the swarm checks several per step."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +71,7 @@ def speculative(model: str, initial_peers: list[str], prompt_ids: list[int], new
     if not draft_model:
         raise SystemExit("the speculative mode needs --draft-model")
     draft = AutoModelForCausalLM.from_pretrained(draft_model)  # loaded before the clock starts
-    with DistributedModelForCausalLM.from_pretrained(model, initial_peers) as distributed:
+    with DistributedModelForCausalLM.from_pretrained(model, initial_peers, forwarding=True) as distributed:
         input_ids = torch.tensor([prompt_ids])
         tokens, times = [], []
         began = time.perf_counter()
@@ -80,7 +92,10 @@ def speculative(model: str, initial_peers: list[str], prompt_ids: list[int], new
 
 
 Mode = Callable[..., ClientRun]  # (model, initial_peers, prompt_ids, new_tokens, **mode options) -> ClientRun
-MODES: dict[str, Mode] = {"client": client_driven, "speculative": speculative}
+MODES: dict[str, Mode] = {"client": client_driven, "forwarding": forwarding, "speculative": speculative}
+# How many one-way trips a decode step pays per hop: 2 when the client calls each hop, 1 (plus one
+# back from the last hop) when peers forward. Modes built on forwarding (speculation) add theirs.
+FORWARDING_MODES = {"forwarding", "speculative"}
 
 
 def prompt_to_ids(model: str, prompt: str) -> list[int]:
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-ids", help="comma-separated token ids")
     parser.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--mode", choices=sorted(MODES), default="client")
+    parser.add_argument("--mode", choices=sorted(MODES), default="forwarding")
     parser.add_argument("--draft-model", help="draft checkpoint folder (the speculative mode)")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brigade.deploy.testbed.client import RESULT_MARK
+from brigade.deploy.testbed.client import FORWARDING_MODES, RESULT_MARK
 from brigade.deploy.testbed.netns import Host, Network, new_run_id, plan_hosts, sweep_stale
 from brigade.deploy.testbed.processes import HostProcess, spawn, stop_all
 from brigade.deploy.testbed.profiles import NetProfile, get_profile
@@ -48,6 +48,7 @@ class TestbedConfig:
     spans: tuple[tuple[int, int], ...]  # one peer host per span, half-open [start, end)
     profile: str = "internet"  # lan | internet | bad (see profiles.py)
     seed: int = 0  # draws each peer's round trip within the profile's range
+    rtt_ms: float | None = None  # every peer's round trip, instead of the profile's range (benchmarks)
     emulation: str = "auto"  # auto (netem where the kernel has it) | proxy | netem
     subnet: str = "10.77.0"  # first three octets of the testbed's private /24 (inside its namespaces only)
     peer_threads: int = 1  # torch threads per peer
@@ -64,6 +65,7 @@ class GenerationResult:
     token_times_s: list[float]
     route: list[str]  # peer ids with spans, as the client reported them
     hops: list[Host] = field(default_factory=list)  # the hosts those peers live on, in route order
+    mode: str = "forwarding"  # how tokens travelled (``client.MODES``)
     speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
 
     @property
@@ -83,7 +85,12 @@ class GenerationResult:
 
     @property
     def floor_ms(self) -> float:
-        """One round trip per hop: no decode step through this route can take less."""
+        """What no decode step through this route can beat: one round trip per hop when the client
+        calls each hop; one way into each hop plus one way back from the last when peers forward."""
+        if not self.hops:
+            return 0.0
+        if self.mode in FORWARDING_MODES:
+            return sum(host.rtt_ms for host in self.hops) / 2 + self.hops[-1].rtt_ms / 2
         return sum(host.rtt_ms for host in self.hops)
 
     def describe_route(self) -> str:
@@ -106,7 +113,8 @@ class Testbed:
         self.profile: NetProfile = get_profile(config.profile)
         self.run_id = new_run_id()
         self.log_dir = Path(config.log_dir) if config.log_dir else None
-        rtts = self.profile.hop_rtts(len(config.spans), config.seed)
+        rtts = ([config.rtt_ms] * len(config.spans) if config.rtt_ms is not None
+                else self.profile.hop_rtts(len(config.spans), config.seed))
         roles = ["boot", *[f"p{index}" for index in range(len(config.spans))], "client"]
         self.hosts = plan_hosts(self.run_id, roles, {f"p{i}": rtt for i, rtt in enumerate(rtts)}, config.subnet)
         self.network = Network(self.run_id, self.hosts, self.profile, emulation=config.emulation)
@@ -180,7 +188,7 @@ class Testbed:
 
     # -- generate ------------------------------------------------------------------------------
     def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,
-                 mode: str = "client", draft_model: str | None = None) -> GenerationResult:
+                 mode: str = "forwarding", draft_model: str | None = None) -> GenerationResult:
         """Runs the client on the client host once and returns its tokens, timings and route."""
         if not self.peers:
             raise RuntimeError("start the testbed first")
@@ -210,7 +218,7 @@ class Testbed:
             raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
         data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
         result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"],
-                                  speculation=data.get("speculation"))
+                                  mode=mode, speculation=data.get("speculation"))
         by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
         result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
         return result

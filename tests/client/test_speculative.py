@@ -25,6 +25,7 @@ from brigade_testkit import build_checkpoint, build_model
 from brigade.client import DistributedModelForCausalLM
 from brigade.client.decoding import GenerationOptions, StepReport
 from brigade.client.sampling import SamplingParams, TokenChooser
+from brigade.client.session import InferenceSession
 from brigade.client.speculative import (
     AdaptiveK,
     DraftVocabularyError,
@@ -278,6 +279,45 @@ def test_greedy_through_the_swarm_is_identical_with_and_without_a_draft(
         assert 0 < stats.draft_agreement < 1, stats.draft_agreement
         assert len(stats.rounds) < NEW_TOKENS, "speculation settled more than one token per step"
         assert_rolled_back_and_lengths_agree(stats, hops=3)
+
+
+def test_greedy_with_a_draft_and_client_driven_hops(llama_swarm: LocalSwarm, llama_checkpoint: Path,
+                                                    reference, draft) -> None:
+    """The module's model forwards peer to peer (the default); here each hop answers the client."""
+    ids = left_padded_prompts()[0][2:3]
+    expected = reference.generate(ids, max_new_tokens=16, do_sample=False)
+    with DistributedModelForCausalLM.from_pretrained(str(llama_checkpoint), llama_swarm.initial_peers,
+                                                     forwarding=False) as client_driven:
+        speculative = client_driven.generate(ids, max_new_tokens=16, draft_model=draft)
+        stats = client_driven.last_speculation
+    assert speculative.tolist() == expected.tolist()
+    assert 0 < stats.acceptance_rate < 1, stats.acceptance_rate
+    assert_rolled_back_and_lengths_agree(stats, hops=3)
+
+
+def test_rejected_positions_leave_no_trace_in_the_peers_caches(model: DistributedModelForCausalLM, reference) -> None:
+    """Wrong positions sent, rolled back (all, then some), and the session goes on as if never sent."""
+    generator = torch.Generator().manual_seed(11)
+    prompt, wrong, right = (torch.randint(0, VOCAB, (1, n), generator=generator) for n in (9, 5, 4))
+    run, head = model._loop.run, model.head
+    session = InferenceSession(model.swarm, model.bans, 1, 40, [0])
+    run(session.open())
+    try:
+        run(session.step(head.embed(prompt)))
+        run(session.step(head.embed(wrong)))  # positions 9..13, all to be rejected
+        assert [stream.reported_length for stream in session.hops] == [14] * 3
+        after_full = head.logits(run(session.step(head.embed(right), start_position=9)))
+        run(session.step(head.embed(wrong)))  # positions 13..17; keep the first two of them
+        after_partial = head.logits(run(session.step(head.embed(right), start_position=15)))
+        assert session.position == 19
+        assert [stream.reported_length for stream in session.hops] == [19] * 3
+    finally:
+        run(session.close(), 10.0)
+    with torch.no_grad():
+        full = reference(torch.cat([prompt, right], dim=1)).logits[:, 9:]
+        partial = reference(torch.cat([prompt, right, wrong[:, :2], right], dim=1)).logits[:, 15:]
+    torch.testing.assert_close(after_full, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after_partial, partial, atol=1e-4, rtol=1e-4)
 
 
 def test_astream_and_a_draft_given_by_path_through_the_swarm(
