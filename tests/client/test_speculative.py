@@ -219,6 +219,18 @@ def test_k_grows_with_acceptance_and_step_cost_and_shrinks_with_draft_cost() -> 
     assert AdaptiveK(fixed=5).choose(16) == 5 and AdaptiveK(fixed=5).choose(2) == 2
 
 
+def test_k_follows_a_link_that_slows_down_and_a_draft_that_goes_bad() -> None:
+    """One policy over changing conditions: its estimates forget, so k moves within tens of rounds."""
+    length = AdaptiveK()
+    observe_rounds(length, alpha=0.9, step_s=0.004, draft_s=0.002)  # a fast link: drafting costs as much as a step
+    fast = length.choose(16)
+    observe_rounds(length, alpha=0.9, step_s=0.2, draft_s=0.002, rounds=30)  # the round trip grows 50x
+    slow = length.choose(16)
+    observe_rounds(length, alpha=0.05, step_s=0.2, draft_s=0.002, rounds=30)  # the text the draft is bad at
+    assert fast <= 4 and slow >= 10, (fast, slow)
+    assert length.choose(16) <= 2 and length.alpha < 0.3
+
+
 # -- vocabulary ----------------------------------------------------------------------------------------
 def save_word_tokenizer(folder: Path, words: list[str]) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
