@@ -73,6 +73,7 @@ class DistributedModelForCausalLM:
         self.generation_config = _generation_config(model)
         self.last_route: list[str] = []
         self.last_events: list[FailoverEvent] = []  # recoveries during the last generate / stream
+        self.last_forwarding: list[bool] = []  # per hop of the last route: it sent its output straight on
         self.last_speculation: SpeculationStats | None = None  # rounds of the last stream with a draft_model
         self._drafts = DraftCache()
         self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
@@ -202,6 +203,7 @@ class DistributedModelForCausalLM:
         run(session.open())
         try:
             self.last_route = _describe(session.route)
+            self.last_forwarding = [stream.forwards for stream in session.hops]
             recoveries_seen = len(session.events)
             step = decoder.first()
             while step is not None:
@@ -209,6 +211,7 @@ class DistributedModelForCausalLM:
                 if len(session.events) != recoveries_seen:  # the route only changes on a recovery
                     recoveries_seen = len(session.events)
                     self.last_route = _describe(session.route)
+                    self.last_forwarding = [stream.forwards for stream in session.hops]
                 yield from decoder.accept(out, report)
                 step = decoder.next()
         finally:

@@ -286,6 +286,7 @@ def test_greedy_through_the_swarm_is_identical_with_and_without_a_draft(
         assert model.last_speculation is None
         speculative = model.generate(ids, mask, max_new_tokens=NEW_TOKENS, draft_model=draft)
         stats = model.last_speculation
+        assert model.last_forwarding == [True, True, False]  # peers forwarded (the default)
         assert plain.tolist() == expected.tolist() == speculative.tolist()
         assert 0 < stats.acceptance_rate < 1, stats.acceptance_rate
         assert 0 < stats.draft_agreement < 1, stats.draft_agreement
@@ -302,6 +303,7 @@ def test_greedy_with_a_draft_and_client_driven_hops(llama_swarm: LocalSwarm, lla
                                                      forwarding=False) as client_driven:
         speculative = client_driven.generate(ids, max_new_tokens=16, draft_model=draft)
         stats = client_driven.last_speculation
+        assert not any(client_driven.last_forwarding)
     assert speculative.tolist() == expected.tolist()
     assert 0 < stats.acceptance_rate < 1, stats.acceptance_rate
     assert_rolled_back_and_lengths_agree(stats, hops=3)
