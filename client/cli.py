@@ -20,15 +20,21 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     model_name: Annotated[str | None, typer.Option(help="Name in the DHT (default: repo id or folder name).")] = None,
+    draft_model: Annotated[str | None, typer.Option(
+        help="Small local model with the same tokenizer (folder or repo id): speculative decoding.")] = None,
+    draft_tokens: Annotated[int | None, typer.Option(
+        help="Drafted tokens per step with --draft-model (default: adapted to acceptance and step time).")] = None,
 ) -> None:
     """Generate a continuation of PROMPT through the swarm, streaming tokens as they come."""
     run_generation(model, prompt, list(initial_peers), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, model_name=model_name)
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, model_name=model_name,
+                   draft_model=draft_model, draft_tokens=draft_tokens)
 
 
 def run_generation(model: str, prompt: str, initial_peers: list[str], *, max_new_tokens: int = 64,
                    do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
-                   top_p: float | None = None, seed: int | None = None, model_name: str | None = None) -> str:
+                   top_p: float | None = None, seed: int | None = None, model_name: str | None = None,
+                   draft_model: str | None = None, draft_tokens: int | None = None) -> str:
     """Streams the continuation to stdout and prints tokens/s and the route; returns the text."""
     import torch
     from transformers import AutoTokenizer
@@ -49,7 +55,8 @@ def run_generation(model: str, prompt: str, initial_peers: list[str], *, max_new
         began = time.perf_counter()
         first_token_s = None
         for tokens in distributed.stream(input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                         temperature=temperature, top_k=top_k, top_p=top_p):
+                                         temperature=temperature, top_k=top_k, top_p=top_p,
+                                         draft_model=draft_model, draft_tokens=draft_tokens):
             first_token_s = first_token_s or time.perf_counter() - began
             new_tokens.append(int(tokens[0]))
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -58,8 +65,13 @@ def run_generation(model: str, prompt: str, initial_peers: list[str], *, max_new
             printed = text
         seconds = time.perf_counter() - began
         route = " -> ".join(distributed.last_route)
+        speculation = distributed.last_speculation
     decode_rate = (len(new_tokens) - 1) / (seconds - first_token_s) if len(new_tokens) > 1 and first_token_s else 0.0
     print(f"\n\n{len(new_tokens)} tokens in {seconds:.2f} s: {decode_rate:.1f} tokens/s after the first "
           f"(first token {1000 * (first_token_s or 0):.0f} ms)")
     print(f"route: {route}")
+    if speculation is not None and speculation.rounds:
+        print(f"speculation: {speculation.acceptance_rate:.0%} of {speculation.drafted} drafted tokens accepted "
+              f"(the draft was right on {speculation.draft_agreement:.0%} of those checked), "
+              f"{speculation.tokens_per_step:.2f} tokens per step over {len(speculation.rounds)} steps")
     return printed

@@ -122,6 +122,7 @@ class HopStream:
     inputs: PositionLog = field(default_factory=PositionLog)  # what this client sent it
     step_ema_s: float | None = None  # typical time from its input leaving to its decode answer arriving
     leaving: bool = False
+    reported_length: int = 0  # the session length the peer reported with its last step result
     attestations: list[pb.Attestation] = field(default_factory=list)  # newest last, bounded
     _answers: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     _reader: asyncio.Task[None] | None = None

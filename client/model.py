@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,11 +23,13 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from brigade.client.bans import PeerBans
 from brigade.client.config import ClientConfig
+from brigade.client.decoding import Decoder, GenerationOptions, StepDecoder, StepInput, StepReport
 from brigade.client.hops import FATAL, HopFailure
 from brigade.client.loop import LoopThread
 from brigade.client.remote import RemoteSwarm
-from brigade.client.sampling import SamplingParams, TokenChooser
+from brigade.client.sampling import TokenChooser
 from brigade.client.session import FailoverEvent, InferenceSession
+from brigade.client.speculative import DraftCache, SpeculationStats, speculative_decoder
 from brigade.kernels.checkpoint import resolve_config_folder
 from brigade.kernels.loading import load_config, load_head
 from brigade.protocol import brigade_pb2 as pb
@@ -71,6 +74,8 @@ class DistributedModelForCausalLM:
         self.last_route: list[str] = []
         self.last_events: list[FailoverEvent] = []  # recoveries during the last generate / stream
         self.last_forwarding: list[bool] = []  # per hop of the last route: it sent its output straight on
+        self.last_speculation: SpeculationStats | None = None  # rounds of the last stream with a draft_model
+        self._drafts = DraftCache()
         self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
         self._loop = LoopThread()
         self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
@@ -174,28 +179,25 @@ class DistributedModelForCausalLM:
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        draft_model: Any | None = None,
+        draft_tokens: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yields each step's new tokens [B] as soon as they are chosen."""
-        defaults = self.generation_config
-        params = SamplingParams(
-            do_sample=bool(defaults.do_sample if do_sample is None else do_sample),
-            temperature=defaults.temperature if temperature is None else temperature,
-            top_k=defaults.top_k if top_k is None else top_k,
-            top_p=defaults.top_p if top_p is None else top_p,
-        )
-        choose = TokenChooser(params)
-        eos = _as_list(defaults.eos_token_id if eos_token_id is None else eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else defaults.pad_token_id
-        if pad is None and eos:
-            pad = eos[0]
+        """Yields each new token [B] as soon as it is settled.
+
+        ``draft_model`` (a small transformers causal LM with this model's vocabulary, or a path to
+        one) turns on speculative decoding: the draft proposes tokens that the swarm checks several
+        at a time; ``draft_tokens`` fixes how many per step (default: adapted to the measured
+        acceptance and step time). ``last_speculation`` then says what it did.
+        """
+        options = GenerationOptions.resolve(
+            self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         if max_new_tokens < 1:
             return
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        pads = left_pad_lengths(mask)
-        max_length = input_ids.shape[1] + max_new_tokens
-        session = InferenceSession(self.swarm, self.bans, input_ids.shape[0], max_length, pads)
+        pads = _check_prompt(input_ids, attention_mask)
+        decoder, self.last_speculation = self._decoder(input_ids, options, pads, draft_model, draft_tokens, None)
+        session = InferenceSession(self.swarm, self.bans, input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
+                                   pads)
         self.last_events = session.events
         run = self._loop.run
         run(session.open())
@@ -203,25 +205,15 @@ class DistributedModelForCausalLM:
             self.last_route = _describe(session.route)
             self.last_forwarding = [stream.forwards for stream in session.hops]
             recoveries_seen = len(session.events)
-            eos_ids = torch.tensor(eos)
-            sequences = input_ids
-            unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
-            hidden = self.head.embed(input_ids)
-            for _ in range(max_new_tokens):
-                out = run(session.step(hidden))
-                tokens = choose(sequences, self.head.logits(out[:, -1]))
-                if eos:
-                    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-                    unfinished &= ~torch.isin(tokens, eos_ids)
-                sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+            step = decoder.first()
+            while step is not None:
+                out, report = run(_timed_step(session, step))
                 if len(session.events) != recoveries_seen:  # the route only changes on a recovery
                     recoveries_seen = len(session.events)
                     self.last_route = _describe(session.route)
                     self.last_forwarding = [stream.forwards for stream in session.hops]
-                yield tokens
-                if not bool(unfinished.any()):
-                    break
-                hidden = self.head.embed(tokens[:, None])
+                yield from decoder.accept(out, report)
+                step = decoder.next()
         finally:
             run(session.close(), 10.0)
 
@@ -239,35 +231,25 @@ class DistributedModelForCausalLM:
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         prefetch: int = 2,
+        draft_model: Any | None = None,
+        draft_tokens: int | None = None,
     ) -> AsyncIterator[torch.Tensor]:
-        """``stream`` for async code, from any event loop: yields each step's new tokens [B].
+        """``stream`` for async code, from any event loop: yields each new token [B].
 
         The session runs on the model's own loop (where its gRPC channels live) and hands tokens
         over a queue of ``prefetch`` steps, so decoding runs a little ahead of a slow consumer but
         never far. When the consumer stops early (``break``, ``aclose``) or is cancelled, the
         session is closed on every hop before this generator finishes, so peers free its cache at
         once. Many ``astream`` calls may run at the same time, each with its own session;
-        ``generator`` gives a call its own sampling random stream. ``last_route`` and
-        ``last_events`` are not updated: they mean nothing with concurrent calls.
+        ``generator`` gives a call its own sampling random stream. ``last_route``, ``last_events``
+        and ``last_speculation`` are not updated: they mean nothing with concurrent calls.
         """
         if max_new_tokens < 1:
             return
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        pads = left_pad_lengths(mask)
-        defaults = self.generation_config
-        params = SamplingParams(
-            do_sample=bool(defaults.do_sample if do_sample is None else do_sample),
-            temperature=defaults.temperature if temperature is None else temperature,
-            top_k=defaults.top_k if top_k is None else top_k,
-            top_p=defaults.top_p if top_p is None else top_p,
-        )
-        eos = _as_list(defaults.eos_token_id if eos_token_id is None else eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else defaults.pad_token_id
-        if pad is None and eos:
-            pad = eos[0]
-        decoder = _StepDecoder(self.head, TokenChooser(params, generator), input_ids, eos, pad)
+        pads = _check_prompt(input_ids, attention_mask)
+        options = GenerationOptions.resolve(
+            self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
         consumer_loop = asyncio.get_running_loop()
         handoff: asyncio.Queue[torch.Tensor | _Finished] = asyncio.Queue(maxsize=max(1, prefetch))
@@ -286,11 +268,15 @@ class DistributedModelForCausalLM:
             if not closed.done():
                 closed.set_result(None)
 
+        def make_decoder() -> Decoder:  # on the head thread: a draft given by path loads here, off every loop
+            return self._decoder(input_ids, options, pads, draft_model, draft_tokens, generator)[0]
+
         async def produce() -> None:  # on the model's loop
             try:
+                decoder = await asyncio.get_running_loop().run_in_executor(self._head_executor, make_decoder)
                 session = InferenceSession(self.swarm, self.bans, input_ids.shape[0],
                                            input_ids.shape[1] + max_new_tokens, pads)
-                await self._run_session(session, decoder, max_new_tokens, deliver)
+                await self._run_session(session, decoder, deliver)
                 await deliver(_Finished(None))
             except _ConsumerGone:
                 pass
@@ -324,20 +310,24 @@ class DistributedModelForCausalLM:
                 logger.warning("an astream session did not close within %.0f s", CLOSE_TIMEOUT_S)
 
     async def _run_session(
-        self, session: InferenceSession, decoder: _StepDecoder, max_new_tokens: int,
-        deliver: Callable[[torch.Tensor], Awaitable[None]],
+        self, session: InferenceSession, decoder: Decoder, deliver: Callable[[torch.Tensor], Awaitable[None]],
     ) -> None:
-        """astream's step loop on the model's loop; the head's compute goes to its own thread."""
+        """astream's step loop on the model's loop: ``stream``'s, with the head's compute on its own thread."""
         loop = asyncio.get_running_loop()
         await session.open()
         try:
-            hidden = await loop.run_in_executor(self._head_executor, decoder.embed_prompt)
-            for _ in range(max_new_tokens):
-                out = await session.step(hidden)
-                tokens, hidden = await loop.run_in_executor(self._head_executor, decoder.advance, out)
-                await deliver(tokens)
-                if hidden is None:
-                    break
+            step = await loop.run_in_executor(self._head_executor, decoder.first)
+            while step is not None:
+                out, report = await _timed_step(session, step)
+                tokens = await loop.run_in_executor(self._head_executor, decoder.accept, out, report)
+                following = loop.run_in_executor(self._head_executor, decoder.next)  # drafts while tokens go out
+                try:
+                    for token in tokens:
+                        await deliver(token)
+                except BaseException:
+                    following.cancel()  # its thread finishes the draft; nobody reads it
+                    raise
+                step = await following
         finally:
             # A cancel arriving mid-close must not leave some hops open (each holds cache on its peer).
             closing = asyncio.ensure_future(session.close())
@@ -346,6 +336,18 @@ class DistributedModelForCausalLM:
             except asyncio.CancelledError:
                 await closing
                 raise
+
+    def _decoder(self, input_ids: torch.Tensor, options: GenerationOptions, pads: list[int], draft_model: Any | None,
+                 draft_tokens: int | None, generator: torch.Generator | None,
+                 ) -> tuple[Decoder, SpeculationStats | None]:
+        """The per-step logic of one generation: plain, or speculative with ``draft_model``."""
+        choose = TokenChooser(options.params, generator)
+        if draft_model is None:
+            if draft_tokens is not None:
+                raise ValueError("draft_tokens needs a draft_model")
+            return StepDecoder(self.head, choose, input_ids, options), None
+        draft = self._drafts.get(draft_model, self.head.args.vocab_size, _local_folder(self.model_path))
+        return speculative_decoder(self.head, choose, input_ids, options, pads, draft, draft_tokens)
 
     def close(self) -> None:
         try:
@@ -372,41 +374,32 @@ class _Finished:
         self.error = error
 
 
-class _StepDecoder:
-    """From one step's last-hop output to the next tokens and their embeddings, as ``stream`` does."""
+def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """Each row's left padding, after checking the prompt's shape."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
+    return left_pad_lengths(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
 
-    def __init__(self, head: Any, choose: TokenChooser, input_ids: torch.Tensor, eos: list[int], pad: int | None):
-        self.head = head
-        self.choose = choose
-        self.sequences = input_ids
-        self.eos = eos
-        self.eos_ids = torch.tensor(eos)
-        self.pad = pad
-        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
 
-    def embed_prompt(self) -> torch.Tensor:
-        return self.head.embed(self.sequences)
+async def _timed_step(session: InferenceSession, step: StepInput) -> tuple[torch.Tensor, StepReport]:
+    """One session step and what speculation measures of it (its time, the lengths the peers report)."""
+    began = time.perf_counter()
+    out = await session.step(step.hidden, step.start)
+    report = StepReport(time.perf_counter() - began, session.position,
+                        tuple(stream.reported_length for stream in session.hops))
+    return out, report
 
-    def advance(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The new tokens [B], and the next step's input [B, 1, H] (None once every row is finished)."""
-        tokens = self.choose(self.sequences, self.head.logits(out[:, -1]))
-        if self.eos:
-            tokens = torch.where(self.unfinished, tokens, torch.full_like(tokens, self.pad))
-            self.unfinished &= ~torch.isin(tokens, self.eos_ids)
-        self.sequences = torch.cat([self.sequences, tokens[:, None]], dim=1)
-        if not bool(self.unfinished.any()):
-            return tokens, None
-        return tokens, self.head.embed(tokens[:, None])
+
+def _local_folder(model: str) -> str | None:
+    """The model's local folder (where its tokenizer would be), without reaching for the Hub."""
+    try:
+        return str(resolve_config_folder(model))
+    except OSError:
+        return None
 
 
 def _describe(route: list[Any]) -> list[str]:
     return [f"{hop.peer.peer_id}[{hop.start}:{hop.end}]" for hop in route]
-
-
-def _as_list(value: int | list[int] | None) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)
 
 
 def _generation_config(model: str) -> GenerationConfig:

@@ -51,5 +51,9 @@ class TokenChooser:
         """The next token [B] for each sequence, given logits [B, V] of the last position."""
         if not self.params.do_sample:
             return logits.argmax(dim=-1)
-        scores = self._warpers(input_ids, logits)
-        return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=self.generator).squeeze(1)
+        return torch.multinomial(self.probabilities(input_ids, logits), num_samples=1,
+                                 generator=self.generator).squeeze(1)
+
+    def probabilities(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution [B, V] that sampling draws from: speculative sampling compares two of these."""
+        return self._warpers(input_ids, logits).softmax(dim=-1)

@@ -212,6 +212,7 @@ class InferenceSession:
                         raise HopFailure(stream.hop, f"answered positions {position}+{result.positions}, "
                                                      f"expected {start + covered} of a {length}-position step")
                     stream.keep_attestation(result.attestation)
+                    stream.reported_length = result.length
                     stream.leaving = stream.leaving or result.peer_leaving
                     is_last = offset == len(streams) - 1
                     if not is_last:

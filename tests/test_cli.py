@@ -11,7 +11,8 @@ EXPECTED_OPTIONS = {
     ("dht",): ["--initial-peers", "--identity"],
     ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory",
                       "--reachability", "--relay", "--relay-port", "--relay-max-bytes"],
-    ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p"],
+    ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
+                    "--draft-model", "--draft-tokens"],
     ("demo",): ["--prompt", "--peers", "--max-new-tokens"],
     ("serve",): ["--initial-peers", "--host", "--port", "--api-key"],
 }

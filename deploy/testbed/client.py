@@ -4,8 +4,10 @@
 
 A mode is how tokens travel through the pipeline: ``client`` is client-driven (the client calls
 each hop in turn: one round trip per hop per token), ``forwarding`` (the library's default) has
-each peer send its output straight to the next peer (one trip per hop plus one back). Every mode
-has the same signature; the testbed and ``benchmarks/wan.py`` pass ``--mode`` through unchanged.
+each peer send its output straight to the next peer (one trip per hop plus one back), and
+``speculative`` is forwarding plus a local draft model (``--draft-model``) whose tokens the swarm
+checks several per step. Every mode has the same signature; the testbed and ``benchmarks/wan.py``
+pass ``--mode`` through unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +31,7 @@ class ClientRun:
     tokens: list[int]  # new tokens only, batch of one
     token_times_s: list[float]  # when each new token arrived, from the start of the generation
     route: list[str]  # "peer_id[start:end]" per hop, as the client used it
+    speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
 
 
 _progress = False  # set by --progress
@@ -67,11 +71,42 @@ def forwarding(model: str, initial_peers: list[str], prompt_ids: list[int], new_
     return _greedy(model, initial_peers, prompt_ids, new_tokens, forwarding=True)
 
 
-Mode = Callable[[str, list[str], list[int], int], ClientRun]
-MODES: dict[str, Mode] = {"client": client_driven, "forwarding": forwarding}
+def speculative(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int,
+                draft_model: str | None = None) -> ClientRun:
+    """Forwarding plus a local draft (``--draft-model``) whose tokens the swarm checks several per step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from brigade.client import DistributedModelForCausalLM
+
+    if not draft_model:
+        raise SystemExit("the speculative mode needs --draft-model")
+    draft = AutoModelForCausalLM.from_pretrained(draft_model)  # loaded before the clock starts
+    with DistributedModelForCausalLM.from_pretrained(model, initial_peers, forwarding=True) as distributed:
+        input_ids = torch.tensor([prompt_ids])
+        tokens, times = [], []
+        began = time.perf_counter()
+        for step in distributed.stream(input_ids, max_new_tokens=new_tokens, do_sample=False, draft_model=draft):
+            times.append(time.perf_counter() - began)
+            tokens.append(int(step[0]))
+        stats = distributed.last_speculation
+        assert stats is not None
+        drafted = max(1, stats.drafted)
+        later = [r.draft_ms + r.step_ms for r in stats.rounds[1:]] or [float("nan")]
+        summary = {"acceptance_rate": stats.accepted / drafted, "draft_agreement": stats.draft_agreement,
+                   "tokens_per_step": stats.tokens_per_step,
+                   "steps": len(stats.rounds), "mean_k": stats.drafted / max(1, len(stats.rounds)),
+                   "draft_ms_per_token": sum(r.draft_ms for r in stats.rounds) / drafted,
+                   "first_step_tokens": stats.rounds[0].accepted + 1,  # came with the first token
+                   "median_round_ms": statistics.median(later)}  # draft + step, after the first
+        return ClientRun(tokens, times, list(distributed.last_route), summary)
+
+
+Mode = Callable[..., ClientRun]  # (model, initial_peers, prompt_ids, new_tokens, **mode options) -> ClientRun
+MODES: dict[str, Mode] = {"client": client_driven, "forwarding": forwarding, "speculative": speculative}
 # How many one-way trips a decode step pays per hop: 2 when the client calls each hop, 1 (plus one
 # back from the last hop) when peers forward. Modes built on forwarding (speculation) add theirs.
-FORWARDING_MODES = {"forwarding"}
+FORWARDING_MODES = {"forwarding", "speculative"}
 
 
 def prompt_to_ids(model: str, prompt: str) -> list[int]:
@@ -95,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--mode", choices=sorted(MODES), default="forwarding")
     parser.add_argument("--progress", action="store_true", help="print a line per token as it arrives")
+    parser.add_argument("--draft-model", help="draft checkpoint folder (the speculative mode)")
     options = parser.parse_args(argv)
     global _progress
     _progress = options.progress
@@ -105,7 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         prompt_ids = prompt_to_ids(options.model, options.prompt)
     else:
         parser.error("give --prompt-ids or --prompt")
-    run = MODES[options.mode](options.model, options.initial_peers, prompt_ids, options.new_tokens)
+    extra = {}
+    if options.draft_model:
+        if options.mode != "speculative":
+            parser.error("--draft-model goes with --mode speculative")
+        extra["draft_model"] = options.draft_model
+    run = MODES[options.mode](options.model, options.initial_peers, prompt_ids, options.new_tokens, **extra)
     print(f"{RESULT_MARK} {json.dumps({'prompt_ids': prompt_ids, 'mode': options.mode, **asdict(run)})}", flush=True)
 
 

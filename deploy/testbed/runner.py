@@ -51,6 +51,7 @@ class TestbedConfig:
     spans: tuple[tuple[int, int], ...]  # one peer host per span, half-open [start, end)
     profile: str = "internet"  # lan | internet | bad (see profiles.py)
     seed: int = 0  # draws each peer's round trip within the profile's range
+    rtt_ms: float | None = None  # every peer's round trip, instead of the profile's range (benchmarks)
     emulation: str = "auto"  # auto (netem where the kernel has it) | proxy | netem
     subnet: str = "10.77.0"  # first three octets of the testbed's private /24 (inside its namespaces only)
     peer_threads: int = 1  # torch threads per peer
@@ -70,6 +71,7 @@ class GenerationResult:
     route: list[str]  # peer ids with spans, as the client reported them
     hops: list[Host] = field(default_factory=list)  # the hosts those peers live on, in route order
     mode: str = "forwarding"  # how tokens travelled (``client.MODES``)
+    speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
 
     @property
     def first_token_ms(self) -> float:
@@ -116,7 +118,8 @@ class Testbed:
         self.profile: NetProfile = get_profile(config.profile)
         self.run_id = new_run_id()
         self.log_dir = Path(config.log_dir) if config.log_dir else None
-        rtts = self.profile.hop_rtts(len(config.spans), config.seed)
+        rtts = ([config.rtt_ms] * len(config.spans) if config.rtt_ms is not None
+                else self.profile.hop_rtts(len(config.spans), config.seed))
         # A peer at home is role pN behind a router rN on the bridge; the router carries the home's link.
         on_bridge = [f"r{i}" if i in config.home_peers else f"p{i}" for i in range(len(config.spans))]
         roles = ["boot", *on_bridge, "client"]
@@ -228,18 +231,22 @@ class Testbed:
 
     # -- generate ------------------------------------------------------------------------------
     def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,
-                 mode: str = "forwarding") -> GenerationResult:
+                 mode: str = "forwarding", draft_model: str | None = None) -> GenerationResult:
         """Runs the client on the client host once and returns its tokens, timings and route."""
-        client = self.start_generation(prompt_ids=prompt_ids, prompt=prompt, new_tokens=new_tokens, mode=mode)
+        client = self.start_generation(prompt_ids=prompt_ids, prompt=prompt, new_tokens=new_tokens, mode=mode,
+                                       draft_model=draft_model)
         return self.finish_generation(client)
 
     def start_generation(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None,
-                         new_tokens: int = 16, mode: str = "forwarding") -> HostProcess:
+                         new_tokens: int = 16, mode: str = "forwarding",
+                         draft_model: str | None = None) -> HostProcess:
         """Starts the client and returns at once; it logs a progress line per token (``tokens_so_far``)."""
         if not self.peers:
             raise RuntimeError("start the testbed first")
         args = ["-m", "brigade.deploy.testbed.client", self.config.model, "--new-tokens", str(new_tokens),
                 "--mode", mode, "--progress"]
+        if draft_model is not None:
+            args += ["--draft-model", draft_model]
         if prompt_ids is not None:
             args += ["--prompt-ids", ",".join(str(token) for token in prompt_ids)]
         elif prompt is not None:
@@ -271,7 +278,7 @@ class Testbed:
             raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
         data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
         result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"],
-                                  mode=data.get("mode", "forwarding"))
+                                  mode=data.get("mode", "forwarding"), speculation=data.get("speculation"))
         by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
         result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
         return result

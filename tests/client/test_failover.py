@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 
 import pytest
 import torch
@@ -147,6 +148,36 @@ def test_drained_peer_sigterm_is_left_without_a_retry(chaos, reference) -> None:
             peer.process.wait(15)  # it exits once its sessions moved away, well before the 20 s grace
             assert time.monotonic() - since < 15
         swarm.heal()
+
+
+def test_kill_minus_9_during_speculative_decoding(chaos, reference) -> None:
+    """Failover with a draft: the replacement replays inputs whose rejected positions were rolled back."""
+    swarm, model = chaos
+    rng = random.Random(5)
+    draft = build_model("llama", seed=21, num_hidden_layers=LAYERS)  # perturbed: right sometimes, wrong sometimes
+    noise = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, weight in draft.named_parameters():
+            if ".layers." in name:
+                weight.add_(torch.randn(weight.shape, generator=noise) * 0.02 * weight.std())
+    failures = rollbacks = 0
+    for generation in range(3):
+        prompt = prompt_for(110 + generation)
+        expected = reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+        kill_at = set(rng.sample(range(1, NEW_TOKENS - 1), 2))
+        tokens: list[int] = []
+        for index, new in enumerate(model.stream(prompt, max_new_tokens=NEW_TOKENS, draft_model=draft)):
+            tokens.append(int(new[0]))
+            victim = swarm.pick_victim(list(model.last_route), rng) if index in kill_at else None
+            if victim is not None:
+                victim.process.send_signal(signal.SIGKILL)
+                victim.process.wait(10)
+        assert prompt[0].tolist() + tokens == expected, f"generation {generation} diverged"
+        rounds = model.last_speculation.rounds
+        rollbacks += sum(later.start < earlier.start + earlier.positions for earlier, later in pairwise(rounds))
+        failures += len(model.last_events)
+        swarm.heal()
+    assert failures >= 2 and rollbacks >= 3, (failures, rollbacks)
 
 
 def test_a_dead_peer_drops_out_of_the_records(chaos) -> None:

@@ -10,7 +10,7 @@ import pytest
 from brigade.deploy.testbed import netns
 from brigade.deploy.testbed.netns import network_commands, plan_hosts, shaping_commands
 from brigade.deploy.testbed.profiles import PROFILES, get_profile
-from brigade.deploy.testbed.runner import GenerationResult
+from brigade.deploy.testbed.runner import GenerationResult, Testbed, TestbedConfig
 
 RUN = "brigade-tb-123-abcdef"
 
@@ -80,6 +80,15 @@ def test_result_measures_steps_after_the_first_token_against_the_route_floor() -
     client_driven = GenerationResult([1, 2], [5, 6, 7], [0.5, 0.6, 0.72], ["a[0:1]", "b[1:2]"], hosts, mode="client")
     assert client_driven.floor_ms == pytest.approx(80.0)  # one round trip per hop
     assert "p0[0:1] 10.77.0.2 (rtt 30 ms) -> p1[1:2]" in result.describe_route()
+    speculative = GenerationResult([1, 2], [5, 6, 7], [0.5, 0.6, 0.72], ["a[0:1]", "b[1:2]"], hosts,
+                                   mode="speculative")
+    assert speculative.floor_ms == result.floor_ms  # speculation rides on forwarding
+
+
+def test_a_fixed_round_trip_replaces_the_profiles_range() -> None:
+    config = TestbedConfig(model="unused", spans=((0, 1), (1, 2), (2, 3)), profile="lan", rtt_ms=50.0)
+    testbed = Testbed(config)  # plans only: nothing starts before start()
+    assert [host.rtt_ms for host in testbed.hosts if host.role.startswith("p")] == [50.0] * 3
 
 
 def test_a_run_is_live_only_while_its_owner_process_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,490 @@
+"""Speculative decoding: a small local draft proposes tokens, and the swarm checks k + 1 at a time.
+
+Why: a decode step through the swarm costs at least one network trip per hop however little it
+computes, and checking k drafted tokens costs the same trips plus a little compute on each peer.
+When the draft agrees with the model a fraction α of the time, a step settles
+(1 - α^(k+1)) / (1 - α) tokens on average instead of one.
+
+A round: the draft (a transformers causal LM on this machine with the model's vocabulary and its
+own KV cache) proposes k tokens; one session step runs the positions the swarm has not seen yet
+(the prompt in the first round, the last settled token afterwards) plus the k drafts; the model's
+choice at each position is compared with the draft that follows it; the longest agreeing prefix is
+kept, plus the model's own token after it; the next step starts at the first wrong position,
+which rolls every hop's cache back (peers truncate when a step starts below their length).
+
+Greedy: the model's choice is its argmax, so the tokens are exactly those of plain decoding.
+Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023) keeps draft d with
+probability min(1, p(d) / q(d)), where p and q are the model's and the draft's distributions after
+the same temperature / top-k / top-p warpers, and otherwise draws from max(0, p - q) renormalised;
+every token is then distributed exactly as plain sampling's (the random draws differ).
+
+Batches: rows share one session length, so a round keeps the prefix that every unfinished row
+agrees on. A row that agreed further gives its next draft as its token at the cut: that is still
+the model's argmax (greedy) or a correctly distributed sample (sampling). A finished row agrees
+with anything, as its tokens are padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from brigade.client.decoding import Finisher, GenerationOptions, StepInput, StepReport
+from brigade.client.sampling import TokenChooser
+
+logger = logging.getLogger(__name__)
+
+K_MAX = 16  # most drafts per round (also the bound of a fixed ``draft_tokens``)
+K_START = 4  # drafts in the first round, before anything is measured
+MEMORY = 0.9  # weight of the past, per round, in the acceptance and cost estimates (about ten rounds)
+POSITION_BUDGET = 3  # positions a session may send per position of max_length (peers allow 4; one is left for
+# failover restarts), so rejected drafts can never exhaust a peer's per-session byte cap
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class DraftVocabularyError(ValueError):
+    """The draft's token ids are not the model's: its proposals would mean other words."""
+
+
+# -- the draft model ---------------------------------------------------------------------------------
+def load_draft(draft: Any, vocab_size: int, model_folder: str | None) -> Any:
+    """The draft as a module in eval mode, its vocabulary checked against the model's.
+
+    ``draft`` is a transformers causal LM, or a folder / repo id for ``AutoModelForCausalLM``.
+    """
+    if isinstance(draft, str | os.PathLike):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(draft))
+    else:
+        model = draft
+    if not callable(model) or getattr(model, "config", None) is None:
+        raise TypeError(f"draft_model must be a transformers causal LM or a path to one, not {type(draft).__name__}")
+    check_vocabulary(model, vocab_size, model_folder)
+    return model.eval()
+
+
+def check_vocabulary(draft: Any, vocab_size: int, model_folder: str | None) -> None:
+    """The same tokenizer vocabulary where both have a tokenizer; else the same number of token ids.
+
+    Sizes alone would refuse real pairs (families pad their embeddings to different multiples) and
+    accept wrong ones (two tokenizers of the same size), so tokenizers decide when they are there.
+    """
+    ours = _tokenizer_vocab(model_folder)
+    theirs = _tokenizer_vocab(getattr(draft, "name_or_path", None) or getattr(draft.config, "_name_or_path", None))
+    if ours is not None and theirs is not None:
+        if ours != theirs:
+            differing = len(set(ours.items()) ^ set(theirs.items()))
+            raise DraftVocabularyError(
+                f"the draft's tokenizer is not the model's ({len(theirs)} tokens against {len(ours)}, "
+                f"{differing} entries differ): use a draft of the same model family and tokenizer")
+        return
+    size = draft_vocab_size(draft)
+    if size != vocab_size:
+        raise DraftVocabularyError(
+            f"the draft has {size} token ids and the model {vocab_size}: use a draft with the model's vocabulary")
+
+
+def draft_vocab_size(draft: Any) -> int:
+    embeddings = draft.get_output_embeddings() if hasattr(draft, "get_output_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return int(embeddings.weight.shape[0])
+    config = draft.config.get_text_config() if hasattr(draft.config, "get_text_config") else draft.config
+    return int(config.vocab_size)
+
+
+def _tokenizer_vocab(folder: str | os.PathLike | None) -> dict[str, int] | None:
+    """A local folder's tokenizer vocabulary; None where there is none (never reaches for the Hub)."""
+    if not folder or not Path(folder).is_dir() or not any((Path(folder) / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return dict(AutoTokenizer.from_pretrained(str(folder)).get_vocab())
+    except Exception as error:  # a folder whose tokenizer files transformers cannot read: fall back to sizes
+        logger.debug("no usable tokenizer in %s: %s", folder, error)
+        return None
+
+
+class DraftCache:
+    """Drafts already loaded or checked, so a second ``generate`` with the same draft costs nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # stream (caller's thread) and astream (head thread) may both ask
+        self._by_path: dict[str, Any] = {}  # the last draft loaded from a path (one: drafts are models)
+        self._checked: weakref.WeakSet[Any] = weakref.WeakSet()  # draft objects whose vocabulary passed
+
+    def get(self, draft: Any, vocab_size: int, model_folder: str | None) -> Any:
+        with self._lock:
+            if isinstance(draft, str | os.PathLike):
+                key = str(draft)
+                if key not in self._by_path:
+                    loaded = load_draft(draft, vocab_size, model_folder)
+                    self._by_path = {key: loaded}
+                return self._by_path[key]
+            if draft not in self._checked:
+                load_draft(draft, vocab_size, model_folder)
+                self._checked.add(draft)
+            return draft.eval()
+
+
+class DraftRunner:
+    """One generation's draft: the model, its KV cache, and which tokens that cache holds."""
+
+    def __init__(self, model: Any, pad_lengths: list[int], vocab_size: int):
+        self.model = model
+        self.pads = torch.tensor(pad_lengths, dtype=torch.long)
+        self.vocab_size = vocab_size
+        self.cache: Any = None
+        self.fed = torch.empty(len(pad_lengths), 0, dtype=torch.long)  # tokens whose keys/values the cache holds
+        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
+        self._cache_argument = cache_argument(model)
+
+    def room(self, length: int) -> int:
+        """How many drafts may follow a sequence of ``length`` tokens within the draft's positions."""
+        return K_MAX if self.max_positions is None else self.max_positions - length
+
+    @torch.inference_mode()
+    def propose(self, sequences: torch.Tensor, k: int, choose: TokenChooser, finisher: Finisher,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``k`` drafts [B, k] after ``sequences`` [B, L], and (sampling only) their distributions [B, k, V].
+
+        Greedy drafts are the draft's argmax; sampled drafts come from the draft's warped
+        distribution q, which the acceptance rule needs. Finished rows draft padding, as their
+        sequences hold, so the draft's cache stays in step with them.
+        """
+        self._sync(sequences)
+        feed = sequences[:, self.fed.shape[1]:]
+        prefix = sequences
+        drafts, distributions = [], []
+        for _ in range(k):  # the last draft is never fed: the verification decides what follows it
+            logits = self._forward(feed)  # [B, V]
+            if choose.params.do_sample:
+                q = choose.probabilities(prefix, logits)
+                token = torch.multinomial(q, num_samples=1, generator=choose.generator).squeeze(1)
+                distributions.append(q)
+            else:
+                token = logits.argmax(dim=-1)
+            if finisher.pad is not None:
+                token = torch.where(finisher.unfinished, token, torch.full_like(token, finisher.pad))
+            drafts.append(token)
+            prefix = torch.cat([prefix, token[:, None]], dim=1)
+            feed = token[:, None]
+        return torch.stack(drafts, dim=1), torch.stack(distributions, dim=1) if distributions else None
+
+    def _sync(self, sequences: torch.Tensor) -> None:
+        """Drops cached positions whose token is not the settled one (rejected drafts, padding after EOS)."""
+        fed = self.fed.shape[1]
+        common = min(fed, sequences.shape[1] - 1)  # at least one settled token is always fed again
+        same = (self.fed[:, :common] == sequences[:, :common]).all(dim=0)
+        keep = int(same.long().cumprod(dim=0).sum())
+        if keep == fed:
+            return
+        if keep > 0 and self.cache is not None:
+            try:
+                self.cache.crop(keep - fed)  # negative: how many to drop (transformers 4.56 and 5 both read it so)
+                self.fed = self.fed[:, :keep]
+                return
+            except (AttributeError, RuntimeError, ValueError) as error:  # a cache that cannot roll back (windows)
+                logger.debug("draft cache cannot roll back (%s); feeding the sequence again", error)
+        self.cache = None
+        self.fed = self.fed[:, :0]
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The draft's logits [B, V] for the position after ``tokens`` [B, T], which join its cache."""
+        past = self.fed.shape[1]
+        total = past + tokens.shape[1]
+        mask = (torch.arange(total)[None, :] >= self.pads[:, None]).long()  # [B, total]: left padding masked
+        positions = (torch.arange(past, total)[None, :] - self.pads[:, None]).clamp(min=0)  # [B, T]
+        device = self.model.device
+        out = self.model(input_ids=tokens.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
+                         **{self._cache_argument: self.cache})
+        self.cache = out[self._cache_argument] if self._cache_argument in out else out.past_key_values
+        self.fed = torch.cat([self.fed, tokens], dim=1)
+        return _fit_vocab(out.logits[:, -1].float().cpu(), self.vocab_size)
+
+
+def cache_argument(model: Any) -> str:
+    """The name of the forward's KV-cache argument: ``cache`` since transformers 5.x, ``past_key_values`` before."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The draft's logits over the model's ids (same tokenizer, embeddings padded to another size)."""
+    have = logits.shape[-1]
+    if have >= vocab_size:
+        return logits[:, :vocab_size]
+    return torch.cat([logits, logits.new_full((logits.shape[0], vocab_size - have), float("-inf"))], dim=-1)
+
+
+# -- verification ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    first_rejected: torch.Tensor  # [B] index of each row's first wrong draft (k: every draft kept)
+    correction: torch.Tensor  # [B] the model's token at that index: its argmax, a residual or a bonus sample
+
+
+def verify(drafts: torch.Tensor, logits: torch.Tensor, choose: TokenChooser, sequences: torch.Tensor,
+           draft_probs: torch.Tensor | None = None) -> Verdict:
+    """Checks drafts [B, k] against the model's logits [B, k + 1, V] (at each draft's position and the one after).
+
+    ``sequences`` [B, L] are the settled tokens before the first draft; ``draft_probs`` [B, k, V]
+    the distributions the drafts were sampled from (sampling only).
+    """
+    batch, k = drafts.shape
+    if not choose.params.do_sample:
+        best = logits.argmax(dim=-1)  # [B, k + 1]
+        first = _first_true(best[:, :k] != drafts, k)
+        return Verdict(first, best.gather(1, first[:, None]).squeeze(1))
+    p = torch.stack([choose.probabilities(torch.cat([sequences, drafts[:, :i]], dim=1), logits[:, i])
+                     for i in range(k + 1)], dim=1)  # [B, k + 1, V]
+    rows = torch.arange(batch)
+    if k == 0:
+        first = torch.zeros(batch, dtype=torch.long)
+        target = p[:, 0]
+    else:
+        if draft_probs is None:
+            raise ValueError("sampled drafts need the distributions they were drawn from")
+        p_draft = p[:, :k].gather(2, drafts[..., None]).squeeze(2)  # [B, k]
+        q_draft = draft_probs.gather(2, drafts[..., None]).squeeze(2)
+        uniform = torch.rand(batch, k, generator=choose.generator)
+        first = _first_true(uniform * q_draft >= p_draft, k)  # kept iff u < p(d) / q(d)
+        at_first = p[rows, first]  # [B, V]: p where the row stopped (after its last draft: the bonus)
+        residual = (at_first - draft_probs[rows, first.clamp(max=k - 1)]).clamp(min=0)
+        mass = residual.sum(dim=-1, keepdim=True)
+        rejected = (first < k)[:, None] & (mass > 0)  # p == q leaves no residual (and is never rejected)
+        target = torch.where(rejected, residual / mass.clamp(min=1e-30), at_first)
+    correction = torch.multinomial(target, num_samples=1, generator=choose.generator).squeeze(1)
+    return Verdict(first, correction)
+
+
+def _first_true(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Index of each row's first True in [B, k] (k where none)."""
+    if k == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.long)
+    return torch.where(mask.any(dim=1), mask.long().argmax(dim=1), torch.full((mask.shape[0],), k))
+
+
+# -- how many to draft ---------------------------------------------------------------------------------
+class AdaptiveK:
+    """Chooses k in [1, k_max] maximising the expected settled tokens per second of a round.
+
+    With acceptance α per draft (taken as independent), a round of k drafts settles
+    E(k) = (1 - α^(k+1)) / (1 - α) tokens and costs T(k) = k·c + b + s·(k + 1), where c is the
+    draft's measured time per drafted token and b + s·n the session step's measured time for n
+    positions (a least-squares line over recent rounds, so it holds the round trips and the peers'
+    compute per position). α is the share of drafts kept over kept-plus-rejections of recent
+    rounds (the maximum-likelihood estimate for a geometric run, which stays right when a round
+    keeps everything). Every estimate forgets with ``MEMORY`` per round, so k follows a changing
+    link or a draft that is good on some text and bad on other. k never drops to 0, so the
+    acceptance keeps being measured.
+    """
+
+    def __init__(self, k_max: int = K_MAX, k_start: int = K_START, fixed: int | None = None,
+                 memory: float = MEMORY):
+        self.k_max = k_max
+        self.k_start = k_start
+        self.fixed = fixed  # a fixed k (bounded by what fits); None: adaptive
+        self.memory = memory
+        self._kept, self._rejections = 1.0, 1.0  # prior: α = 0.5, worth two observations
+        self.draft_token_s: float | None = None  # c
+        self.base_s: float | None = None  # b
+        self.slope_s = 0.0  # s
+        self._fit = (0.0, 0.0, 0.0, 0.0, 0.0)  # decayed sums over rounds: weight, n, t, n², n·t
+
+    @property
+    def alpha(self) -> float:
+        return self._kept / (self._kept + self._rejections)
+
+    def observe(self, k: int, kept: int, rejected: bool, draft_s: float, step_s: float, positions: int) -> None:
+        m = self.memory
+        if k > 0:
+            self._kept = m * self._kept + kept
+            self._rejections = m * self._rejections + (1.0 if rejected else 0.0)
+            per_token = draft_s / k
+            self.draft_token_s = per_token if self.draft_token_s is None else (
+                m * self.draft_token_s + (1 - m) * per_token)
+        weight, sum_n, sum_t, sum_nn, sum_nt = (m * value for value in self._fit)
+        n = float(positions)
+        self._fit = (weight + 1, sum_n + n, sum_t + step_s, sum_nn + n * n, sum_nt + n * step_s)
+        weight, sum_n, sum_t, sum_nn, sum_nt = self._fit
+        mean_n, mean_t = sum_n / weight, sum_t / weight
+        spread = sum_nn / weight - mean_n * mean_n
+        if spread > 0.25:  # rounds of different sizes: the line's slope is measurable
+            self.slope_s = max(0.0, (sum_nt / weight - mean_n * mean_t) / spread)
+        self.base_s = max(0.0, mean_t - self.slope_s * mean_n)
+
+    def expected_rate(self, k: int) -> float:
+        """Expected settled tokens per second of a round of ``k`` drafts, by the current estimates."""
+        alpha = min(max(self.alpha, 0.01), 0.99)
+        tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+        seconds = k * (self.draft_token_s or 0.0) + (self.base_s or 0.0) + self.slope_s * (k + 1)
+        return tokens / max(seconds, 1e-9)
+
+    def choose(self, limit: int) -> int:
+        """k for the next round, at most ``limit`` (0 when nothing may be drafted)."""
+        upper = min(self.k_max, limit)
+        if upper < 1:
+            return 0
+        if self.fixed is not None:
+            return min(self.fixed, upper)
+        if self.base_s is None or self.draft_token_s is None:
+            return min(self.k_start, upper)
+        return max(range(1, upper + 1), key=self.expected_rate)
+
+
+# -- the decoder --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundRecord:
+    """One speculative round, for tests and benchmarks."""
+
+    start: int  # first position the step sent (below the previous step's end: the hops rolled back)
+    positions: int  # positions the step sent: the tokens the swarm had not seen, then the drafts
+    drafted: int  # k
+    accepted: int  # drafts kept (the model's own next token comes on top)
+    rejected: bool  # a draft was found wrong (false when every draft was kept, or EOS / the end cut it short)
+    draft_ms: float
+    step_ms: float
+    session_length: int  # the client session's length after the step
+    peer_lengths: tuple[int, ...]  # the session length each hop's peer reported after the step
+
+
+@dataclass
+class SpeculationStats:
+    """What speculation did in one generation (``DistributedModelForCausalLM.last_speculation``)."""
+
+    rounds: list[RoundRecord] = field(default_factory=list)  # at most max_new_tokens
+
+    @property
+    def drafted(self) -> int:
+        return sum(record.drafted for record in self.rounds)
+
+    @property
+    def accepted(self) -> int:
+        return sum(record.accepted for record in self.rounds)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens that were kept (NaN before any draft); lower than the draft's
+        per-token agreement, since drafts after a wrong one are dropped unchecked."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def draft_agreement(self) -> float:
+        """How often a checked draft was right: kept / (kept + rejections), the α that k adapts to."""
+        checked = self.accepted + sum(record.rejected for record in self.rounds)
+        return self.accepted / checked if checked else float("nan")
+
+    @property
+    def tokens_per_step(self) -> float:
+        settled = sum(record.accepted + 1 for record in self.rounds)
+        return settled / len(self.rounds) if self.rounds else float("nan")
+
+
+@dataclass
+class _Round:
+    k: int
+    drafts: torch.Tensor  # [B, k]
+    draft_probs: torch.Tensor | None  # [B, k, V] when sampling
+    start: int
+    positions: int
+    draft_s: float
+
+
+class SpeculativeDecoder:
+    """The ``Decoder`` of speculative generation: each step is a round of drafts checked by the swarm."""
+
+    def __init__(self, head: Any, choose: TokenChooser, input_ids: torch.Tensor, options: GenerationOptions,
+                 draft: DraftRunner, length: AdaptiveK, stats: SpeculationStats):
+        self.head = head
+        self.choose = choose
+        self.sequences = input_ids
+        self.max_new_tokens = options.max_new_tokens
+        self.max_length = input_ids.shape[1] + options.max_new_tokens
+        self.finisher = Finisher(input_ids.shape[0], options.eos, options.pad)
+        self.draft = draft
+        self.length = length
+        self.stats = stats
+        self.emitted = 0
+        self.settled = 0  # positions the hops hold with settled inputs: the next step starts here
+        self.sent = 0  # positions sent in all, kept within POSITION_BUDGET
+        self._round: _Round | None = None
+
+    def first(self) -> StepInput:
+        return self._plan()
+
+    def next(self) -> StepInput | None:
+        if self.finisher.done or self.emitted >= self.max_new_tokens:
+            return None
+        return self._plan()
+
+    def _plan(self) -> StepInput:
+        remaining = self.max_new_tokens - self.emitted
+        budget = POSITION_BUDGET * self.max_length - self.sent - remaining
+        k = self.length.choose(min(remaining - 1, budget, self.draft.room(self.sequences.shape[1])))
+        began = time.perf_counter()
+        if k > 0:
+            drafts, probs = self.draft.propose(self.sequences, k, self.choose, self.finisher)
+        else:
+            drafts, probs = self.sequences.new_empty(self.sequences.shape[0], 0), None
+        draft_s = time.perf_counter() - began
+        tokens = torch.cat([self.sequences[:, self.settled:], drafts], dim=1)
+        self._round = _Round(k, drafts, probs, self.settled, tokens.shape[1], draft_s)
+        self.sent += tokens.shape[1]
+        return StepInput(self.head.embed(tokens), self.settled)
+
+    def accept(self, out: torch.Tensor, report: StepReport) -> list[torch.Tensor]:
+        step, self._round = self._round, None
+        if step is None:
+            raise RuntimeError("accept() without a planned round")
+        k = step.k
+        logits = self.head.logits(out[:, -(k + 1):])  # [B, k + 1, V]
+        verdict = verify(step.drafts, logits, self.choose, self.sequences, step.draft_probs)
+        first = verdict.first_rejected
+        emitted: list[torch.Tensor] = []
+        rejected = False
+        for index in range(k + 1):
+            token = verdict.correction if index == k else torch.where(
+                first > index, step.drafts[:, index], verdict.correction)
+            emitted.append(self.finisher.settle(token))
+            if self.emitted + len(emitted) >= self.max_new_tokens or self.finisher.done:
+                break
+            if index < k and bool((self.finisher.unfinished & (first <= index)).any()):
+                rejected = True  # a row still going needs its correction as the next input
+                break
+        kept = len(emitted) - 1
+        self.settled = self.sequences.shape[1] + kept
+        self.sequences = torch.cat([self.sequences, torch.stack(emitted, dim=1)], dim=1)
+        self.emitted += len(emitted)
+        self.length.observe(k, kept, rejected, step.draft_s, report.elapsed_s, step.positions)
+        self.stats.rounds.append(RoundRecord(
+            start=step.start, positions=step.positions, drafted=k, accepted=kept, rejected=rejected,
+            draft_ms=1000 * step.draft_s,
+            step_ms=1000 * report.elapsed_s, session_length=report.session_length, peer_lengths=report.peer_lengths))
+        return emitted
+
+
+def speculative_decoder(head: Any, choose: TokenChooser, input_ids: torch.Tensor, options: GenerationOptions,
+                        pad_lengths: list[int], draft: Any, draft_tokens: int | None,
+                        ) -> tuple[SpeculativeDecoder, SpeculationStats]:
+    """A decoder drafting with ``draft`` (already loaded and checked); a fixed k when ``draft_tokens`` is given."""
+    if draft_tokens is not None and not 1 <= draft_tokens <= K_MAX:
+        raise ValueError(f"draft_tokens must be in [1, {K_MAX}] (or None to adapt), got {draft_tokens}")
+    stats = SpeculationStats()
+    runner = DraftRunner(draft, pad_lengths, head.args.vocab_size)
+    decoder = SpeculativeDecoder(head, choose, input_ids, options, runner, AdaptiveK(fixed=draft_tokens), stats)
+    return decoder, stats
