@@ -44,12 +44,13 @@ class RemoteSwarm:
             self.config.initial_peers,
             client_mode=True,
             startup_timeout_s=self.config.dht_startup_timeout_s,
+            peer_filter=self.config.peer_filter,
         )
 
     async def records(self, max_age_s: float | None = None) -> list[PeerRecord]:
         max_age_s = self.config.records_max_age_s if max_age_s is None else max_age_s
         if time.monotonic() - self._records_at > max_age_s:
-            fetched = await fetch_records(self._dht, self.model_name)
+            fetched = await fetch_records(self._dht, self.model_name, peer_filter=self.config.peer_filter)
             self._records = [record for record in fetched if self._usable(record)]
             self._records_at = time.monotonic()
         return self._records
@@ -96,15 +97,13 @@ class RemoteSwarm:
             await asyncio.sleep(0.25)
 
     def _usable(self, record: PeerRecord) -> bool:
-        """Records this client may route through: its model shape, quantizations, lists, and security."""
+        """Records this client may route through: its model shape, quantizations, and security.
+
+        The allowlist and blocklist were applied when the records were read (``fetch_records``)."""
         config = self.config
         if record.num_layers != self.num_layers:
             return False
         if config.quantizations is not None and record.quantization not in config.quantizations:
-            return False
-        if record.peer_id in config.blocked_peers:
-            return False
-        if config.allowed_peers is not None and record.peer_id not in config.allowed_peers:
             return False
         return bool(record.tls_cert) or config.allow_insecure
 

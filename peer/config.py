@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from brigade.routing.peer_filter import PeerFilter
+
 
 @dataclass(frozen=True)
 class PeerConfig:
@@ -42,6 +44,8 @@ class PeerConfig:
     max_session_bytes: int | None = None  # input bytes one session may send in all; None = 4x its full cache span
     allowed_clients: frozenset[str] | None = None  # client (and upstream peer) ids allowed here; None = anyone
     blocked_clients: frozenset[str] = frozenset()  # ids refused here
+    allowed_peers: frozenset[str] | None = None  # peers whose records it stores, reads, links to; None = any
+    blocked_peers: frozenset[str] = frozenset()  # peers never stored, read, forwarded to, nor accepted as upstream
     max_batch_tokens: int = 2048  # positions one pass over the span may compute (decode steps + prefill chunks)
     prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
     batch_window_ms: float = 2.0  # longest a ready step waits for other busy sessions' steps to join its batch
@@ -54,6 +58,11 @@ class PeerConfig:
     rebalance_period_s: float = 120.0  # mean seconds between re-checks (jitter ±50%); 0 = never (auto layers only)
     rebalance_min_gain: float = 0.02  # a move must raise the swarm's soft-minimum throughput by this fraction
     move_drain_s: float = 30.0  # a moving peer lets open sessions leave this long, then closes them
+
+    @property
+    def peer_filter(self) -> PeerFilter:
+        """The peer allowlist and blocklist as the one filter the DHT node, readers and servicer apply."""
+        return PeerFilter(self.allowed_peers, self.blocked_peers)
 
     @property
     def num_layers(self) -> int:

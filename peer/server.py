@@ -67,6 +67,9 @@ class PeerServer:
     async def start(self) -> None:
         config = self.config
         self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        if config.allowed_peers is not None and self.identity.peer_id not in config.allowed_peers:
+            # A private swarm's member list need not name each member's own id: its node must keep its own record.
+            config = self.config = replace(config, allowed_peers=config.allowed_peers | {self.identity.peer_id})
         dtype = COMPUTE_DTYPES[config.dtype]
         model_config = load_config(config.model, config.revision)
         self._model_config = model_config
@@ -75,9 +78,11 @@ class PeerServer:
             raise ValueError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers}")
         loop = asyncio.get_running_loop()
         self._dht = await loop.run_in_executor(
-            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen)
+            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen,
+                                    peer_filter=config.peer_filter)
         )
-        records = await fetch_records(self._dht, self.model_name) if config.start_layer is None else []
+        records = (await fetch_records(self._dht, self.model_name, peer_filter=config.peer_filter)
+                   if config.start_layer is None else [])
         cache_path = cache_path_for(config.throughput_cache)
         known = known_throughput(LlamaArgs.from_config(model_config), dtype, config.device, config.quantization,
                                  config.throughput, cache_path)
@@ -133,7 +138,7 @@ class PeerServer:
         assert self.identity is not None and self._sessions is not None and self._announcer is not None
 
         async def read_records() -> list[PeerRecord]:
-            return await fetch_records(self._dht, self.model_name)
+            return await fetch_records(self._dht, self.model_name, peer_filter=config.peer_filter)
 
         def span() -> tuple[int, int]:
             assert self.config.start_layer is not None and self.config.end_layer is not None

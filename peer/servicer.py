@@ -199,6 +199,8 @@ class PeerServicer(pb_grpc.PeerServicer):
                                     attach.session_id.encode())
         if not session.upstream_peer_id or pusher != session.upstream_peer_id:
             raise PermissionDeniedError(f"{pusher} is not the previous hop the client named for this session")
+        if not self.config.peer_filter.admits(pusher):
+            raise PermissionDeniedError(f"{pusher} is not admitted by this peer's allowlist/blocklist of peers")
         while True:
             try:
                 async with asyncio.timeout(self.config.session_idle_timeout_s):
@@ -227,7 +229,11 @@ class PeerServicer(pb_grpc.PeerServicer):
             session.forwarder = self._forwarder(session.next)
 
     def _forwarder(self, next_hop: pb.NextHop) -> Forwarder:
-        return Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
+        forwarder = Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
+        if not self.config.peer_filter.admits(next_hop.peer_id):
+            # Not an error of the client's: outputs go back to it (forward_error), and it links around.
+            forwarder.broken = f"this peer does not forward to {next_hop.peer_id[:64]!r}: its peer filter refuses it"
+        return forwarder
 
     def _channel_to(self, next_hop: pb.NextHop) -> grpc.aio.Channel:
         key = (next_hop.address, next_hop.tls_cert)
