@@ -13,7 +13,7 @@ import grpc
 from brigade.client.config import ClientConfig
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
-from brigade.protocol.channels import peer_channel
+from brigade.protocol.channels import handshake_failure, peer_channel
 from brigade.protocol.errors import MissingLayersError
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord
@@ -44,8 +44,7 @@ class RemoteSwarm:
             self.config.initial_peers,
             client_mode=True,
             startup_timeout_s=self.config.dht_startup_timeout_s,
-            peer_filter=self.config.peer_filter,
-        )
+        )  # no peer filter in the node: hivemind would drop a model's whole entry for one refused record
 
     async def records(self, max_age_s: float | None = None) -> list[PeerRecord]:
         max_age_s = self.config.records_max_age_s if max_age_s is None else max_age_s
@@ -141,6 +140,10 @@ class RemoteSwarm:
             began = time.perf_counter()
             await stub.Info(pb.InfoRequest(), timeout=timeout)
         except (grpc.RpcError, OSError, TimeoutError) as error:
+            details = error.details() if isinstance(error, grpc.aio.AioRpcError) else ""
+            handshake = handshake_failure(record.address, details or "")
+            if handshake is not None:
+                logger.warning("peer %s: %s", record.peer_id, handshake)
             logger.debug("ping of %s at %s failed: %r", record.peer_id, record.address, error)
             return None
         ms = (time.perf_counter() - began) * 1000

@@ -33,6 +33,7 @@ from brigade.protocol.records import PeerRecord, model_name_for
 from brigade.protocol.tls import TlsIdentity
 from brigade.routing.announce import Announcer
 from brigade.routing.dht import start_dht
+from brigade.routing.peer_filter import PeerFilter
 from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         self._dht = await loop.run_in_executor(
             None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen,
-                                    peer_filter=config.peer_filter)
+                                    peer_filter=_node_filter(config))
         )
         records = (await fetch_records(self._dht, self.model_name, peer_filter=config.peer_filter)
                    if config.start_layer is None else [])
@@ -273,6 +274,17 @@ class PeerServer:
             self._executor.close()
         if self._dht is not None:
             self._dht.shutdown()
+
+
+def _node_filter(config: PeerConfig) -> PeerFilter | None:
+    """What this peer's DHT node itself refuses to store: non-members of a private swarm's allowlist.
+
+    Not the blocklist: a node that refuses one subkey refuses the whole entry of a model in the
+    answers of other nodes (hivemind validates a dictionary as one), so in a public swarm a blocked
+    peer's record would hide every peer of the model from this one. Blocked peers are dropped when
+    records are read instead. An allowlist is safe because every node of a private swarm has it.
+    """
+    return None if config.allowed_peers is None else PeerFilter(config.allowed_peers)
 
 
 def _log_task_failure(task: asyncio.Task[Any]) -> None:

@@ -35,6 +35,7 @@ from brigade.protocol.errors import (
     InvalidRequestError,
     InvalidTensorError,
     PermissionDeniedError,
+    SessionLengthError,
     UnknownSessionError,
 )
 from brigade.protocol.identity import Identity
@@ -328,6 +329,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 )
             hidden = decode(request.hidden, self.limits)
             self._check_hidden(hidden)
+            self._check_stateless_size(hidden)
             pads = list(request.pad_lengths) or [0] * hidden.shape[0]
             if len(pads) != hidden.shape[0] or any(pad >= hidden.shape[1] for pad in pads):
                 raise InvalidRequestError("pad_lengths needs one value per sequence, each below its length")
@@ -337,6 +339,17 @@ class PeerServicer(pb_grpc.PeerServicer):
             logger.info("forward refused: %s", error)
             await context.abort(error.status, str(error))
             raise AssertionError("unreachable: abort raises") from error
+
+    def _check_stateless_size(self, hidden: torch.Tensor) -> None:
+        """A stateless pass is bounded like a session: its bytes alone would admit a pass whose
+        attention costs hours of compute (a few MiB of a narrow model's hidden states, 10^5 positions)."""
+        max_length = min(self.config.max_session_length, self.sessions.args.max_position_embeddings)
+        if hidden.shape[1] > max_length:
+            raise SessionLengthError(
+                f"a stateless pass of {hidden.shape[1]} positions is longer than this peer's max length {max_length}")
+        if hidden.shape[0] > self.config.max_batch_size:
+            raise InvalidRequestError(
+                f"batch of {hidden.shape[0]} is over this peer's limit {self.config.max_batch_size}")
 
     async def _stateless(self, hidden: torch.Tensor, pads: torch.Tensor,
                          layers: tuple[int, int]) -> tuple[torch.Tensor, float]:

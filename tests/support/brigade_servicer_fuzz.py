@@ -278,7 +278,7 @@ def scenarios(draw: st.DrawFn, parties: Parties, max_messages: int = 6) -> list[
             step = message.step
             ours = message.WhichOneof("kind") == "step" and message.session_id == session_id
             if ours and len(step.hidden.shape) == 3 and step.start_position <= length:
-                length = step.start_position + step.hidden.shape[1]  # a rollback, or the next step
+                length = step.start_position + max(0, step.hidden.shape[1])  # a rollback, or the next step
             messages.append(message)
         queues.append(messages)
     order = draw(st.permutations([index for index, queue in enumerate(queues) for _ in queue]))
