@@ -110,7 +110,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             async with asyncio.timeout(self.config.session_idle_timeout_s):
                 first = await context.read()
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no request on a new stream")
+            await _refuse(context, _IdleError("no request on a new stream"))
             return
         if first is grpc.aio.EOF:
             return
@@ -127,7 +127,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 raise InvalidRequestError("a stream must start with open (a client) or attach (a previous hop)")
         except BrigadeError as error:
             logger.info("inference stream refused: %s", error)
-            await context.abort(error.status, str(error))
+            await _refuse(context, error)
 
     async def _serve_client(self, request: pb.OpenSession, context: grpc.aio.ServicerContext) -> None:
         owner = self._identify(request.token if request.HasField("token") else None, "open",
@@ -189,8 +189,11 @@ class PeerServicer(pb_grpc.PeerServicer):
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             _post(session, _EOF)  # the client is gone
         finally:
-            if read is not None and not read.done():
+            if read is not None:
+                # The call may end (abort, client gone) while this read waits: cancel it, and take its
+                # outcome whatever it is, so that no "exception was never retrieved" is left behind.
                 read.cancel()
+                read.add_done_callback(_retrieve)
 
     async def _serve_push(self, attach: pb.Attach, context: grpc.aio.ServicerContext) -> None:
         session = self.sessions.sessions.get(attach.session_id)
@@ -337,8 +340,8 @@ class PeerServicer(pb_grpc.PeerServicer):
             return pb.ForwardResponse(hidden=encode(output, hidden.dtype), compute_ms=compute_ms)
         except BrigadeError as error:
             logger.info("forward refused: %s", error)
-            await context.abort(error.status, str(error))
-            raise AssertionError("unreachable: abort raises") from error
+            await _refuse(context, error)
+            return pb.ForwardResponse()  # nobody reads it: the client has gone
 
     def _check_stateless_size(self, hidden: torch.Tensor) -> None:
         """A stateless pass is bounded like a session: its bytes alone would admit a pass whose
@@ -380,8 +383,8 @@ class PeerServicer(pb_grpc.PeerServicer):
                 raise InvalidRequestError("this session was opened without keep_outputs")
             return pb.HistoryResponse(hidden=encode(session.outputs.read(request.start, request.end)))
         except BrigadeError as error:
-            await context.abort(error.status, str(error))
-            raise AssertionError("unreachable: abort raises") from error
+            await _refuse(context, error)
+            return pb.HistoryResponse()  # nobody reads it: the client has gone
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         extra = self._info_extra()
@@ -413,6 +416,29 @@ class PeerServicer(pb_grpc.PeerServicer):
 
 class _IdleError(BrigadeError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def _refuse(context: grpc.aio.ServicerContext, error: BrigadeError) -> None:
+    """Ends the call with ``error``'s status and message (gRPC's abort raises); returns only when the
+    client has already gone (cancelled, disconnected) and there is no one left to tell.
+
+    Aborting such a call fails inside gRPC (InternalError, which gRPC would log as an error of the
+    servicer), so that case is checked first, and the race where the client leaves meanwhile caught.
+    """
+    if context.cancelled():
+        logger.debug("the client left before it could be told: %s", error)
+        return
+    try:
+        await context.abort(error.status, str(error))
+    except grpc.aio.InternalError:
+        if not (context.cancelled() or context.done()):
+            raise
+        logger.debug("the client left while it was told: %s", error)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _post(session: Session, item: object) -> None:

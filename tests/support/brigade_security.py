@@ -8,7 +8,7 @@ from pathlib import Path
 
 from brigade.peer.launcher import LaunchedProcess, LocalSwarm
 
-GUARD_CACHE_TOKENS = 4096
+GUARD_CACHE_TOKENS = 4096  # the guard peer's KV cache pool, in positions
 
 
 @dataclass
