@@ -1,7 +1,8 @@
 """One swarm for the security tests: three real peer processes of the tiny Llama, each hosting all 6 layers.
 
-- ``guard``: TLS, a small KV cache pool (4096 positions, so a squatter's 25% share is 16 pages),
-  default message/tensor/session caps, and a client blocklist naming ``blocked_key``'s identity;
+- ``guard``: TLS, its identity in a key file it creates (``guard_key``), a small KV cache pool (4096
+  positions, so a squatter's 25% share is 16 pages), default message/tensor/session caps, and a client
+  blocklist naming ``blocked_key``'s identity;
 - ``twin``: TLS, defaults (a second route for the same layers, for allowlists and failover);
 - ``plain``: ``--insecure`` (plain-text gRPC: the control of the wire-capture test; clients that do
   not allow insecure peers never route to it).
@@ -27,16 +28,18 @@ def security_swarm(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     folder = tmp_path_factory.mktemp("security-swarm")
     blocked_key = folder / "blocked-client.key"
     blocked = Identity.load_or_create(blocked_key)
+    guard_key = folder / "keys" / "guard.key"  # created by the guard on its first run
     swarm = LocalSwarm(folder / "logs", peer_threads=PEER_THREADS)
     try:
         swarm.start_bootstrap()
         model = str(llama_checkpoint)
         guard = swarm.add_peer(model, (0, 6), wait=False, extra_args=[
-            *FAST_PEER_ARGS, "--cache-tokens", str(GUARD_CACHE_TOKENS), "--block-client", blocked.peer_id])
+            *FAST_PEER_ARGS, "--cache-tokens", str(GUARD_CACHE_TOKENS), "--block-client", blocked.peer_id,
+            "--identity", str(guard_key)])
         twin = swarm.add_peer(model, (0, 6), wait=False, extra_args=FAST_PEER_ARGS)
         plain = swarm.add_peer(model, (0, 6), wait=False, extra_args=[*FAST_PEER_ARGS, "--insecure"])
         for peer in (guard, twin, plain):
             swarm.wait_ready(peer)
-        yield SecuritySwarm(swarm, guard, twin, plain, blocked_key, llama_checkpoint)
+        yield SecuritySwarm(swarm, guard, twin, plain, blocked_key, llama_checkpoint, guard_key)
     finally:
         swarm.close()

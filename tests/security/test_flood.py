@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from brigade_security import SecuritySwarm, memory_bytes, reset_peak_memory
 
 from brigade.peer.config import PeerConfig
 from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.identity import Identity
 from brigade.protocol.tensors import decode, encode
 
@@ -49,7 +51,7 @@ FORWARD = "/brigade.v1.Peer/Forward"
 class HonestClient:
     """One session on a peer, stepping one position at a time on its own thread until stopped.
 
-    Decoding toward max_length, it rolls back to position 4 and goes on, so it can run as long as
+    Having decoded to max_length, it ends that session and opens the next, so it can run as long as
     a flood lasts. Every answer must come, in order, with the right length and finite values.
     """
 
@@ -59,7 +61,6 @@ class HonestClient:
         self.max_length = max_length
         self.steps = 0
         self.errors: list[str] = []
-        self._requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"honest-{session_id}", daemon=True)
 
@@ -81,43 +82,59 @@ class HonestClient:
         assert not self._thread.is_alive(), "the honest session did not finish"
         assert not self.errors, self.errors
 
-    def _requests_iter(self) -> Iterator[pb.InferenceRequest]:
-        while (request := self._requests.get()) is not None:
-            yield request
-
     def _run(self) -> None:
         channel, stub = peer_stub(self.info)
         try:
-            self._requests.put(open_session(self.info, self.session_id, start_layer=0, end_layer=6, batch_size=1,
-                                            max_length=self.max_length))
-            responses = stub.Inference(self._requests_iter(), timeout=240)
+            sessions = 0
+            while not self._stop.is_set():
+                sessions += 1
+                self._one_session(stub, f"{self.session_id}-{sessions}")
+        except Exception as error:  # reported by wait_for_steps / stop
+            self.errors.append(repr(error))
+        finally:
+            channel.close()
+
+    def _one_session(self, stub: pb_grpc.PeerStub, session_id: str) -> None:
+        """Decodes one session up to max_length (or until stopped), then ends its stream.
+
+        A fresh session each time, because a session may send at most 4x its span in all
+        (``max_session_bytes``): rolling one session back forever would be a flood of its own.
+        """
+        requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
+        requests.put(open_session(self.info, session_id, start_layer=0, end_layer=6, batch_size=1,
+                                  max_length=self.max_length))
+
+        def requests_iter() -> Iterator[pb.InferenceRequest]:
+            while (request := requests.get()) is not None:
+                yield request
+
+        try:
+            responses = stub.Inference(requests_iter(), timeout=240)
             assert next(responses).WhichOneof("kind") == "opened"
             position, step_id = 0, 0
-            while not self._stop.is_set():
+            while not self._stop.is_set() and position < self.max_length:
                 positions = 4 if position == 0 else 1
-                if position + positions > self.max_length:
-                    position = 4  # roll back and go on
                 step_id += 1
                 hidden = torch.randn(1, positions, HIDDEN)
-                self._requests.put(pb.InferenceRequest(session_id=self.session_id, step=pb.Step(
+                requests.put(pb.InferenceRequest(session_id=session_id, step=pb.Step(
                     hidden=encode(hidden), start_position=position, step_id=step_id)))
                 result = next(responses).result
                 output = decode(result.hidden)
                 if result.step_id != step_id or result.length != position + positions or output.shape != hidden.shape:
-                    self.errors.append(f"step {step_id}: wrong answer {result.step_id} {result.length} {output.shape}")
-                    return
+                    raise AssertionError(f"step {step_id}: wrong answer {result.step_id} {result.length} "
+                                         f"{output.shape}")
+                if not bool(torch.isfinite(output).all()):
+                    raise AssertionError(f"step {step_id}: non-finite output")
                 position += positions
                 self.steps += 1
-        except Exception as error:  # reported by wait_for_steps / stop
-            self.errors.append(repr(error))
         finally:
-            self._requests.put(None)
-            channel.close()
+            requests.put(None)
 
 
 @pytest.fixture
 def honest(security_swarm: SecuritySwarm, request: pytest.FixtureRequest) -> Iterator[HonestClient]:
-    client = HonestClient(security_swarm.guard.info, f"honest-{request.node.name[-40:].replace('[', '-')}"[:60])
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name[-40:])
+    client = HonestClient(security_swarm.guard.info, f"honest-{name}")
     client.start().wait_for_steps(3)
     yield client
     client.wait_for_steps(3)  # it still works after the flood

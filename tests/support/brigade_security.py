@@ -19,6 +19,7 @@ class SecuritySwarm:
     plain: LaunchedProcess
     blocked_key: Path  # a client identity file that ``guard`` refuses
     checkpoint: Path
+    guard_key: Path  # the guard's Ed25519 key file (``--identity``), created by the guard itself
 
     @property
     def initial_peers(self) -> list[str]:
