@@ -1,5 +1,6 @@
 """Cache squatting: one client identity opening sessions until refused holds at most its share of a
-peer's KV cache pool (25% by default), is told so, and an honest client is still admitted.
+peer's KV cache pool (25% by default), is told so, and an honest client is still admitted; and it holds
+at most ``max_sessions_per_client`` open sessions.
 
 The guard's pool holds 4096 positions in pages of 64: 64 pages, so one identity may hold 16. A
 session reserves one page when it opens and more as it grows.
@@ -8,10 +9,12 @@ session reserves one page when it opens and more as it grows.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from brigade_inproc_peer import InProcessPeer
 from brigade_peer_client import open_session
 from brigade_security import GUARD_CACHE_TOKENS, SecuritySwarm
 
@@ -101,3 +104,49 @@ def test_one_identity_holds_at_most_its_share_and_others_are_still_served(securi
             await channel.close()
 
     asyncio.run(run())
+
+
+def test_one_identity_holds_at_most_its_sessions_and_gets_them_back_when_it_closes(llama_checkpoint: Path) -> None:
+    """The other per-client cap: open sessions (``max_sessions_per_client``, default 64; 3 here, with a
+    pool big enough that the cache share never binds). Closing a session gives its slot back."""
+    config = PeerConfig(model=str(llama_checkpoint), cache_tokens=4096, num_threads=1, max_sessions_per_client=3,
+                        client_cache_share=1.0)
+    client, other = Identity.generate(), Identity.generate()
+
+    async def run(info: dict[str, object]) -> None:
+        channel = dial(str(info["address"]), str(info["tls_cert"]))
+        stub = pb_grpc.PeerStub(channel)
+        held: list[grpc.aio.StreamStreamCall] = []
+        try:
+            for index in range(3):
+                call, opened = await open_stream(stub, info, client, f"mine-{index:04d}", batch_size=1, max_length=64)
+                assert opened is not None, await call.details()
+                held.append(call)
+            call, opened = await open_stream(stub, info, client, "mine-0003", batch_size=1, max_length=64)
+            assert opened is None and await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = await call.details() or ""
+            assert f"client {client.peer_id} already holds 3 sessions here" in details, details
+
+            call, opened = await open_stream(stub, info, other, "theirs-0000", batch_size=1, max_length=64)
+            assert opened is not None, await call.details()
+            held.append(call)
+
+            await held[0].done_writing()  # the client ends one session...
+            assert await held[0].read() is grpc.aio.EOF
+            for attempt in range(50):  # ...and may open another once the peer has closed it
+                call, opened = await open_stream(stub, info, client, f"mine-again-{attempt:02d}", batch_size=1,
+                                                 max_length=64)
+                if opened is not None:
+                    held.append(call)
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the closed session's slot never came back")
+        finally:
+            for call in held:
+                call.cancel()
+            await channel.close()
+
+    with InProcessPeer(llama_checkpoint, config) as peer:
+        asyncio.run(run(peer.info))
+        assert peer.usage()["owners"].get(client.peer_id, 0) <= 3
