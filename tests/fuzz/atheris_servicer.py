@@ -15,17 +15,21 @@ Run (atheris is not a project dependency; it ships wheels for CPython 3.11 on Li
 peer processes' worth of threads, so hold the swarm lock on a shared machine:
 
     .venv/bin/pip install atheris
-    mkdir -p /tmp/brigade-servicer-corpus
+    .venv/bin/python tests/fuzz/atheris_servicer.py --write-seeds /tmp/brigade-servicer-corpus
     flock /tmp/brigade-swarm.lock .venv/bin/python tests/fuzz/atheris_servicer.py /tmp/brigade-servicer-corpus \
-        -max_total_time=600 -timeout=120 -rss_limit_mb=6144 -artifact_prefix=/tmp/brigade-servicer-corpus/
+        -max_total_time=600 -max_len=4096 -len_control=0 -timeout=120 -rss_limit_mb=6144 \
+        -artifact_prefix=/tmp/brigade-servicer-corpus/
 
-``-runs=N`` bounds the number of scenarios instead; a ``crash-*`` file given as the only argument
-replays that scenario.
+Hypothesis needs a few hundred bytes of choices for one scenario and ignores shorter inputs, hence the
+seeds (random bytes: every one is a scenario) and ``-len_control=0`` (libFuzzer would otherwise start
+from 4-byte inputs). ``-runs=N`` bounds the number of inputs instead; a ``crash-*`` file given as the
+only argument replays that scenario.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import tempfile
 import time
@@ -73,7 +77,17 @@ def wait_drained(peer: InProcessPeer) -> dict[str, object]:
         time.sleep(0.02)
 
 
+def write_seeds(folder: Path, count: int = 16, size: int = 2048) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for index in range(count):
+        (folder / f"seed-{index:02d}").write_bytes(rng.randbytes(size))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--write-seeds":
+        write_seeds(Path(sys.argv[2]))
+        return
     logging.basicConfig(level=logging.WARNING)
     folder = Path(tempfile.mkdtemp(prefix="brigade-atheris-servicer-"))
     checkpoint = build_checkpoint(folder / "tiny-llama", "llama")
