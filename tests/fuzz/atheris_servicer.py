@@ -99,11 +99,16 @@ def main() -> None:
     client_loop = LoopThread("atheris-client")
     errors = ErrorRecords()
     logging.getLogger().addHandler(errors)
+    played = {"scenarios": 0, "calls": 0}
 
     @settings(database=None, deadline=None, suppress_health_check=list(HealthCheck))
     @given(scenario=scenarios(parties))
     def play(scenario: list[tuple[object, ...]]) -> None:
         outcomes = client_loop.run(runner.run(scenario), 120.0)
+        played["scenarios"] += 1
+        played["calls"] += len(outcomes)
+        if played["scenarios"] % 10 == 1:  # libFuzzer reports inputs; these are the scenarios that ran
+            sys.stderr.write(f"played {played['scenarios']} scenarios, {played['calls']} calls\n")
         found = problems(outcomes)
         if found:
             raise AssertionError(f"servicer misbehaved: {found}")
