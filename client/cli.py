@@ -24,17 +24,32 @@ def generate(
         help="Small local model with the same tokenizer (folder or repo id): speculative decoding.")] = None,
     draft_tokens: Annotated[int | None, typer.Option(
         help="Drafted tokens per step with --draft-model (default: adapted to acceptance and step time).")] = None,
+    allow_peers: Annotated[str | None, typer.Option(
+        help="File of peer ids, one per line: route only through these peers (a private swarm).")] = None,
+    block_peers: Annotated[str | None, typer.Option(
+        help="File of peer ids, one per line: never route through these peers.")] = None,
+    identity: Annotated[str | None, typer.Option(
+        help="Ed25519 key file of this client (created on first run; default: a fresh key).")] = None,
 ) -> None:
     """Generate a continuation of PROMPT through the swarm, streaming tokens as they come."""
+    from brigade.routing.peer_filter import PeerFilter
+
+    try:
+        peer_filter = PeerFilter.from_files(allow_peers, block_peers)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
     run_generation(model, prompt, list(initial_peers), max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, model_name=model_name,
-                   draft_model=draft_model, draft_tokens=draft_tokens)
+                   draft_model=draft_model, draft_tokens=draft_tokens,
+                   allowed_peers=peer_filter.allow, blocked_peers=peer_filter.block, identity_path=identity)
 
 
 def run_generation(model: str, prompt: str, initial_peers: list[str], *, max_new_tokens: int = 64,
                    do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
                    top_p: float | None = None, seed: int | None = None, model_name: str | None = None,
-                   draft_model: str | None = None, draft_tokens: int | None = None) -> str:
+                   draft_model: str | None = None, draft_tokens: int | None = None,
+                   allowed_peers: frozenset[str] | None = None, blocked_peers: frozenset[str] = frozenset(),
+                   identity_path: str | None = None) -> str:
     """Streams the continuation to stdout and prints tokens/s and the route; returns the text."""
     import torch
     from transformers import AutoTokenizer
@@ -45,7 +60,8 @@ def run_generation(model: str, prompt: str, initial_peers: list[str], *, max_new
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(resolve_config_folder(model))
-    options = {"model_name": model_name} if model_name else {}
+    options: dict[str, object] = {"model_name": model_name} if model_name else {}
+    options.update(allowed_peers=allowed_peers, blocked_peers=blocked_peers, identity_path=identity_path)
     with DistributedModelForCausalLM.from_pretrained(model, initial_peers, **options) as distributed:
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
         sys.stdout.write(prompt)

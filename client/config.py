@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from brigade.routing.peer_filter import PeerFilter
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,23 @@ class ClientConfig:
     pipeline_prefill: bool = True  # pass each prefill chunk on as soon as it is computed
     verify_rate: float = 0.05  # share of finished windows re-checked on another peer serving the same layers
     verify_window: int = 16  # decode steps per hop that make one window
-    allowed_peers: frozenset[str] | None = None  # use only these peer ids (private swarms); None = any
-    blocked_peers: frozenset[str] = frozenset()  # never use these peer ids
+    allowed_peers: Iterable[str] | None = None  # use only these peer ids (private swarms); None = any
+    blocked_peers: Iterable[str] = frozenset()  # never use these peer ids, even when allowed
     route_slack: float = 0.05  # next hops within this fraction of the fastest are drawn at random (spreads load)
     bulk_route_slack: float = 0.25  # the same for throughput-bound work (big batches, long prefills)
     bulk_batch_size: int = 8  # sessions with this many sequences count as throughput-bound
     bulk_prefill_tokens: int = 4096  # ... and so do prefills/replays of this many positions (all sequences)
     route_pings: int = 16  # peers not measured yet that one route search may ping first
     ping_timeout_s: float = 1.0  # deadline of each of those pings (two calls: connect, then the timed one)
+
+    def __post_init__(self) -> None:
+        # Lists from from_pretrained keywords or a config file become frozensets; a string that is no
+        # peer id fails here, at start-up, rather than silently admitting nobody.
+        checked = PeerFilter.of(self.allowed_peers, self.blocked_peers)
+        object.__setattr__(self, "allowed_peers", checked.allow)
+        object.__setattr__(self, "blocked_peers", checked.block)
+
+    @property
+    def peer_filter(self) -> PeerFilter:
+        """The allowlist and blocklist as the one filter every reader of records applies."""
+        return PeerFilter(self.allowed_peers, frozenset(self.blocked_peers))  # type: ignore[arg-type]

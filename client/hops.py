@@ -19,6 +19,7 @@ import torch
 
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.channels import handshake_failure
 from brigade.protocol.errors import BrigadeError, InvalidRequestError, SessionLengthError, from_status
 from brigade.protocol.errors import PeerLeavingError as _PeerLeaving
 from brigade.protocol.tensors import decode
@@ -44,6 +45,9 @@ class HopFailure(Exception):
 def classify(hop: Hop, error: BaseException, timeout: float | None = None) -> BaseException:
     """Turns what went wrong talking to a hop into a HopFailure, or passes fatal errors through."""
     if isinstance(error, grpc.aio.AioRpcError):
+        handshake = handshake_failure(hop.peer.address, error.details() or "")
+        if handshake is not None:
+            return HopFailure(hop, handshake)
         error = from_status(error.code(), error.details() or "")
     if isinstance(error, (*FATAL, HopFailure)):
         return error

@@ -13,7 +13,7 @@ import grpc
 from brigade.client.config import ClientConfig
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
-from brigade.protocol.channels import peer_channel
+from brigade.protocol.channels import handshake_failure, peer_channel
 from brigade.protocol.errors import MissingLayersError
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord
@@ -44,12 +44,12 @@ class RemoteSwarm:
             self.config.initial_peers,
             client_mode=True,
             startup_timeout_s=self.config.dht_startup_timeout_s,
-        )
+        )  # no peer filter in the node: hivemind would drop a model's whole entry for one refused record
 
     async def records(self, max_age_s: float | None = None) -> list[PeerRecord]:
         max_age_s = self.config.records_max_age_s if max_age_s is None else max_age_s
         if time.monotonic() - self._records_at > max_age_s:
-            fetched = await fetch_records(self._dht, self.model_name)
+            fetched = await fetch_records(self._dht, self.model_name, peer_filter=self.config.peer_filter)
             self._records = [record for record in fetched if self._usable(record)]
             self._records_at = time.monotonic()
         return self._records
@@ -96,15 +96,13 @@ class RemoteSwarm:
             await asyncio.sleep(0.25)
 
     def _usable(self, record: PeerRecord) -> bool:
-        """Records this client may route through: its model shape, quantizations, lists, and security."""
+        """Records this client may route through: its model shape, quantizations, and security.
+
+        The allowlist and blocklist were applied when the records were read (``fetch_records``)."""
         config = self.config
         if record.num_layers != self.num_layers:
             return False
         if config.quantizations is not None and record.quantization not in config.quantizations:
-            return False
-        if record.peer_id in config.blocked_peers:
-            return False
-        if config.allowed_peers is not None and record.peer_id not in config.allowed_peers:
             return False
         if record.reachable is False and not record.relay_peer_id:
             return False  # cannot accept connections and has no relay (yet): nobody can reach it
@@ -144,6 +142,10 @@ class RemoteSwarm:
             began = time.perf_counter()
             await stub.Info(pb.InfoRequest(), timeout=timeout)
         except (grpc.RpcError, OSError, TimeoutError) as error:
+            details = error.details() if isinstance(error, grpc.aio.AioRpcError) else ""
+            handshake = handshake_failure(record.address, details or "")
+            if handshake is not None:
+                logger.warning("peer %s: %s", record.peer_id, handshake)
             logger.debug("ping of %s at %s failed: %r", record.peer_id, record.address, error)
             return None
         ms = (time.perf_counter() - began) * 1000

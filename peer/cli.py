@@ -51,6 +51,12 @@ def run(
     client_cache_share: Annotated[float, typer.Option(help="Share of the KV cache one client may hold.")] = 0.25,
     allow_client: Annotated[list[str] | None, typer.Option(help="Serve only these client ids (repeat).")] = None,
     block_client: Annotated[list[str] | None, typer.Option(help="Refuse these client ids (repeat).")] = None,
+    allow_peers: Annotated[str | None, typer.Option(
+        help="File of peer ids, one per line: store, read, forward to and accept pushes from only these "
+             "peers (a private swarm; give every node the same file).")] = None,
+    block_peers: Annotated[str | None, typer.Option(
+        help="File of peer ids, one per line: never store their records, route to them or accept their pushes.")]
+    = None,
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one batched pass may compute.")] = 2048,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill chunk size (pipelining, fairness).")] = 512,
     batch_window_ms: Annotated[float, typer.Option(help="Cap (ms) on waiting for busy sessions' steps.")] = 10.0,
@@ -106,6 +112,13 @@ def run(
     if not 0 <= rebalance_gain < 10:
         raise typer.BadParameter(f"--rebalance-gain must be in [0, 10), got {rebalance_gain}")
     from brigade.kernels.memory import parse_bytes
+    from brigade.routing.peer_filter import PeerFilter
+
+    try:
+        peer_filter = PeerFilter.from_files(allow_peers, block_peers)
+        clients = PeerFilter.of(allow_client, block_client or ())
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
 
     try:
         max_memory_bytes = parse_bytes(max_memory) if max_memory else None
@@ -155,8 +168,10 @@ def run(
         insecure=insecure,
         max_sessions_per_client=max_sessions_per_client,
         client_cache_share=client_cache_share,
-        allowed_clients=frozenset(allow_client) if allow_client else None,
-        blocked_clients=frozenset(block_client or ()),
+        allowed_clients=clients.allow,
+        blocked_clients=clients.block,
+        allowed_peers=peer_filter.allow,
+        blocked_peers=peer_filter.block,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
         batch_window_ms=batch_window_ms,

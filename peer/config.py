@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from brigade.routing.peer_filter import PeerFilter
+
 
 @dataclass(frozen=True)
 class PeerConfig:
@@ -42,6 +44,8 @@ class PeerConfig:
     max_session_bytes: int | None = None  # input bytes one session may send in all; None = 4x its full cache span
     allowed_clients: frozenset[str] | None = None  # client (and upstream peer) ids allowed here; None = anyone
     blocked_clients: frozenset[str] = frozenset()  # ids refused here
+    allowed_peers: frozenset[str] | None = None  # peers whose records it stores, reads, links to; None = any
+    blocked_peers: frozenset[str] = frozenset()  # peers never stored, read, forwarded to, nor accepted as upstream
     max_batch_tokens: int = 2048  # positions one pass over the span may compute (decode steps + prefill chunks)
     prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
     batch_window_ms: float = 10.0  # cap on a ready step's wait for busy sessions' steps (adaptive below it)
@@ -67,6 +71,11 @@ class PeerConfig:
     relay_max_connections: int = 128  # client connections relayed at once, all relayed peers together
     relay_max_connections_per_peer: int = 32  # ... and for one relayed peer
     relay_max_bytes_per_hour: int = 4 << 30  # bytes relayed per relayed peer per clock hour; 0 = no cap
+
+    @property
+    def peer_filter(self) -> PeerFilter:
+        """The peer allowlist and blocklist as the one filter the DHT node, readers and servicer apply."""
+        return PeerFilter(self.allowed_peers, self.blocked_peers)
 
     @property
     def num_layers(self) -> int:

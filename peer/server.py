@@ -34,6 +34,7 @@ from brigade.protocol.records import PeerRecord, model_name_for
 from brigade.protocol.tls import TlsIdentity
 from brigade.routing.announce import Announcer
 from brigade.routing.dht import start_dht
+from brigade.routing.peer_filter import PeerFilter
 from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class PeerServer:
     async def start(self) -> None:
         config = self.config
         self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        if config.allowed_peers is not None and self.identity.peer_id not in config.allowed_peers:
+            # A private swarm's member list need not name each member's own id: its node must keep its own record.
+            config = self.config = replace(config, allowed_peers=config.allowed_peers | {self.identity.peer_id})
         dtype = COMPUTE_DTYPES[config.dtype]
         model_config = load_config(config.model, config.revision)
         self._model_config = model_config
@@ -77,9 +81,11 @@ class PeerServer:
             raise ValueError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers}")
         loop = asyncio.get_running_loop()
         self._dht = await loop.run_in_executor(
-            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen)
+            None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen,
+                                    peer_filter=_node_filter(config))
         )
-        records = await fetch_records(self._dht, self.model_name) if config.start_layer is None else []
+        records = (await fetch_records(self._dht, self.model_name, peer_filter=config.peer_filter)
+                   if config.start_layer is None else [])
         cache_path = cache_path_for(config.throughput_cache)
         known = known_throughput(model_args(model_config), dtype, config.device, config.quantization,
                                  config.throughput, cache_path)
@@ -146,7 +152,7 @@ class PeerServer:
         assert self.identity is not None and self._sessions is not None and self._announcer is not None
 
         async def read_records() -> list[PeerRecord]:
-            return await fetch_records(self._dht, self.model_name)
+            return await fetch_records(self._dht, self.model_name, peer_filter=config.peer_filter)
 
         def span() -> tuple[int, int]:
             assert self.config.start_layer is not None and self.config.end_layer is not None
@@ -284,6 +290,17 @@ class PeerServer:
             self._executor.close()
         if self._dht is not None:
             self._dht.shutdown()
+
+
+def _node_filter(config: PeerConfig) -> PeerFilter | None:
+    """What this peer's DHT node itself refuses to store: non-members of a private swarm's allowlist.
+
+    Not the blocklist: a node that refuses one subkey refuses the whole entry of a model in the
+    answers of other nodes (hivemind validates a dictionary as one), so in a public swarm a blocked
+    peer's record would hide every peer of the model from this one. Blocked peers are dropped when
+    records are read instead. An allowlist is safe because every node of a private swarm has it.
+    """
+    return None if config.allowed_peers is None else PeerFilter(config.allowed_peers)
 
 
 def _log_task_failure(task: asyncio.Task[Any]) -> None:

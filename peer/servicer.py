@@ -35,6 +35,7 @@ from brigade.protocol.errors import (
     InvalidRequestError,
     InvalidTensorError,
     PermissionDeniedError,
+    SessionLengthError,
     UnknownSessionError,
 )
 from brigade.protocol.identity import Identity
@@ -109,7 +110,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             async with asyncio.timeout(self.config.session_idle_timeout_s):
                 first = await context.read()
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no request on a new stream")
+            await _refuse(context, _IdleError("no request on a new stream"))
             return
         if first is grpc.aio.EOF:
             return
@@ -126,7 +127,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 raise InvalidRequestError("a stream must start with open (a client) or attach (a previous hop)")
         except BrigadeError as error:
             logger.info("inference stream refused: %s", error)
-            await context.abort(error.status, str(error))
+            await _refuse(context, error)
 
     async def _serve_client(self, request: pb.OpenSession, context: grpc.aio.ServicerContext) -> None:
         owner = self._identify(request.token if request.HasField("token") else None, "open",
@@ -188,8 +189,11 @@ class PeerServicer(pb_grpc.PeerServicer):
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             _post(session, _EOF)  # the client is gone
         finally:
-            if read is not None and not read.done():
+            if read is not None:
+                # The call may end (abort, client gone) while this read waits: cancel it, and take its
+                # outcome whatever it is, so that no "exception was never retrieved" is left behind.
                 read.cancel()
+                read.add_done_callback(_retrieve)
 
     async def _serve_push(self, attach: pb.Attach, context: grpc.aio.ServicerContext) -> None:
         session = self.sessions.sessions.get(attach.session_id)
@@ -199,6 +203,8 @@ class PeerServicer(pb_grpc.PeerServicer):
                                     attach.session_id.encode())
         if not session.upstream_peer_id or pusher != session.upstream_peer_id:
             raise PermissionDeniedError(f"{pusher} is not the previous hop the client named for this session")
+        if not self.config.peer_filter.admits(pusher):
+            raise PermissionDeniedError(f"{pusher} is not admitted by this peer's allowlist/blocklist of peers")
         while True:
             try:
                 async with asyncio.timeout(self.config.session_idle_timeout_s):
@@ -227,7 +233,11 @@ class PeerServicer(pb_grpc.PeerServicer):
             session.forwarder = self._forwarder(session.next)
 
     def _forwarder(self, next_hop: pb.NextHop) -> Forwarder:
-        return Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
+        forwarder = Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
+        if not self.config.peer_filter.admits(next_hop.peer_id):
+            # Not an error of the client's: outputs go back to it (forward_error), and it links around.
+            forwarder.broken = f"this peer does not forward to {next_hop.peer_id[:64]!r}: its peer filter refuses it"
+        return forwarder
 
     def _channel_to(self, next_hop: pb.NextHop) -> grpc.aio.Channel:
         key = (next_hop.address, next_hop.tls_cert)
@@ -323,6 +333,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 )
             hidden = decode(request.hidden, self.limits)
             self._check_hidden(hidden)
+            self._check_stateless_size(hidden)
             pads = list(request.pad_lengths) or [0] * hidden.shape[0]
             if len(pads) != hidden.shape[0] or any(pad >= hidden.shape[1] for pad in pads):
                 raise InvalidRequestError("pad_lengths needs one value per sequence, each below its length")
@@ -330,8 +341,19 @@ class PeerServicer(pb_grpc.PeerServicer):
             return pb.ForwardResponse(hidden=encode(output, hidden.dtype), compute_ms=compute_ms)
         except BrigadeError as error:
             logger.info("forward refused: %s", error)
-            await context.abort(error.status, str(error))
-            raise AssertionError("unreachable: abort raises") from error
+            await _refuse(context, error)
+            return pb.ForwardResponse()  # nobody reads it: the client has gone
+
+    def _check_stateless_size(self, hidden: torch.Tensor) -> None:
+        """A stateless pass is bounded like a session: its bytes alone would admit a pass whose
+        attention costs hours of compute (a few MiB of a narrow model's hidden states, 10^5 positions)."""
+        max_length = min(self.config.max_session_length, self.sessions.args.max_position_embeddings)
+        if hidden.shape[1] > max_length:
+            raise SessionLengthError(
+                f"a stateless pass of {hidden.shape[1]} positions is longer than this peer's max length {max_length}")
+        if hidden.shape[0] > self.config.max_batch_size:
+            raise InvalidRequestError(
+                f"batch of {hidden.shape[0]} is over this peer's limit {self.config.max_batch_size}")
 
     async def _stateless(self, hidden: torch.Tensor, pads: torch.Tensor,
                          layers: tuple[int, int]) -> tuple[torch.Tensor, float]:
@@ -362,8 +384,8 @@ class PeerServicer(pb_grpc.PeerServicer):
                 raise InvalidRequestError("this session was opened without keep_outputs")
             return pb.HistoryResponse(hidden=encode(session.outputs.read(request.start, request.end)))
         except BrigadeError as error:
-            await context.abort(error.status, str(error))
-            raise AssertionError("unreachable: abort raises") from error
+            await _refuse(context, error)
+            return pb.HistoryResponse()  # nobody reads it: the client has gone
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         extra = self._info_extra()
@@ -397,6 +419,29 @@ class PeerServicer(pb_grpc.PeerServicer):
 
 class _IdleError(BrigadeError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def _refuse(context: grpc.aio.ServicerContext, error: BrigadeError) -> None:
+    """Ends the call with ``error``'s status and message (gRPC's abort raises); returns only when the
+    client has already gone (cancelled, disconnected) and there is no one left to tell.
+
+    Aborting such a call fails inside gRPC (InternalError, which gRPC would log as an error of the
+    servicer), so that case is checked first, and the race where the client leaves meanwhile caught.
+    """
+    if context.cancelled():
+        logger.debug("the client left before it could be told: %s", error)
+        return
+    try:
+        await context.abort(error.status, str(error))
+    except grpc.aio.InternalError:
+        if not (context.cancelled() or context.done()):
+            raise
+        logger.debug("the client left while it was told: %s", error)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _post(session: Session, item: object) -> None:

@@ -63,6 +63,24 @@ def _check_no_proxy(target_host: str) -> None:
             )
 
 
+def handshake_failure(address: str, details: str) -> str | None:
+    """A readable reason when a call to ``address`` failed in the TLS handshake; None for other failures.
+
+    gRPC reports a pinned certificate that does not match as UNAVAILABLE with OpenSSL's words
+    ("CERTIFICATE_VERIFY_FAILED: self signed certificate"), which reads like a local problem. It
+    means the peer did not prove it holds the key its signed record vouches for.
+    """
+    text = details.lower()
+    if "handshake" not in text:
+        return None
+    if "certificate_verify_failed" in text or "certificate verify failed" in text:
+        return (f"TLS handshake failed: the peer at {address} did not present the certificate its signed "
+                "record pins (a stale record, a misconfigured peer, or someone in between); it is not trusted")
+    if "wrong_version_number" in text:
+        return f"TLS handshake failed: the peer at {address} does not speak TLS (an --insecure peer?)"
+    return f"TLS handshake with the peer at {address} failed: {details}"
+
+
 def dial(
     address: str,
     tls_cert: str,

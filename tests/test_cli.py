@@ -10,9 +10,10 @@ import pytest
 EXPECTED_OPTIONS = {
     ("dht",): ["--initial-peers", "--identity"],
     ("peer", "run"): ["--layers", "--initial-peers", "--port", "--dtype", "--device", "--quant", "--max-memory",
-                      "--reachability", "--relay", "--relay-port", "--relay-max-bytes"],
+                      "--reachability", "--relay", "--relay-port", "--relay-max-bytes",
+                      "--allow-peers", "--block-peers", "--allow-client", "--block-client"],
     ("generate",): ["--initial-peers", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
-                    "--draft-model", "--draft-tokens"],
+                    "--draft-model", "--draft-tokens", "--allow-peers", "--block-peers", "--identity"],
     ("demo",): ["--prompt", "--peers", "--max-new-tokens"],
     ("serve",): ["--initial-peers", "--host", "--port", "--api-key"],
 }
@@ -31,3 +32,12 @@ def test_bad_layers_are_refused_before_anything_starts() -> None:
     result = subprocess.run([sys.executable, "-m", "brigade", "peer", "run", "m", "--layers", "8:4",
                              "--initial-peers", "x"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "START < END" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [["peer", "run", "m", "--layers", "0:2"], ["generate", "m", "hello"]])
+def test_peer_lists_with_a_typo_are_refused_before_anything_starts(command: list[str], tmp_path) -> None:
+    listed = tmp_path / "peers.txt"
+    listed.write_text("# members\nbpNotAPeer-Id\n")
+    result = subprocess.run([sys.executable, "-m", "brigade", *command, "--initial-peers", "x",
+                             "--allow-peers", str(listed)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not brigade peer ids" in result.stdout + result.stderr

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
 import hivemind
 import pytest
-from brigade_fuzz import FUZZ_MODEL, HONEST_TTL_S, RecordMutator, honest_peer
+from brigade_fuzz import FUZZ_MODEL, HONEST_TTL_S, RecordMutator, dht_record, honest_peer, sign_fields
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
@@ -145,3 +146,53 @@ def test_attacks_over_the_wire_are_refused_and_honest_records_kept(swarm: Swarm)
     members = asyncio.run(fetch_records(swarm.client, FUZZ_MODEL, peer_filter=PeerFilter.of(allow=[MEMBER.peer_id])))
     assert [record.peer_id for record in members] == [MEMBER.peer_id]
 
+
+
+SQUAT_MODEL = "fuzz/squatted"
+YEAR_S = 365 * 24 * 3600.0
+
+
+def test_far_future_squatting_cannot_shadow_or_outlive_an_honest_peer(swarm: Swarm) -> None:
+    """Petals' hole: an unsigned entry with a far-future expiry overwrites a peer's slot for good.
+
+    Here a squatter tries it four ways on an honest peer's slot (a record in the victim's subkey
+    signed with its own key, the victim's own record with its expiration stretched a year, a plain
+    value over the whole key, its own record living a year): every brigade node refuses each over
+    the store RPC, a client reading through all the nodes (the attacker's own storage included)
+    still sees exactly the victim's honest record, and once the victim stops refreshing it the slot
+    is empty: nothing keeps it alive.
+    """
+    victim, squatter = Identity.generate(), Identity.generate()
+    now = get_dht_time()
+    honest = honest_peer(victim, now, model=SQUAT_MODEL, ttl_s=4.0)
+    for node in (swarm.bootstrap, swarm.peer):
+        assert send_stores(swarm, node, [honest.dht_record()]) == [True]
+
+    far = now + YEAR_S
+    in_victims_slot = {**honest.fields, "address": "127.0.0.1:6666", "public_key": squatter.public_key.hex(),
+                       "signed_at": far - HONEST_TTL_S, "expires_at": far}
+    own = honest_peer(squatter, now, model=SQUAT_MODEL, address="127.0.0.1:6666")
+    own_fields = {**own.fields, "signed_at": far - HONEST_TTL_S, "expires_at": far}
+    plain = {"fields": own_fields, "signature": "00" * 64}
+    squats = [
+        (victim.peer_id, sign_fields(in_victims_slot, squatter)),
+        (victim.peer_id, honest.value),  # the victim's own signed bytes, kept for a year
+        (None, plain),
+        (squatter.peer_id, sign_fields(own_fields, squatter)),
+    ]
+    records = [dht_record(model_key(SQUAT_MODEL), subkey, value, far) for subkey, value in squats]
+    for node in swarm.brigade_nodes:
+        assert send_stores(swarm, node, records) == [False] * len(records)
+    for subkey, value in squats:  # kept in the attacker's own storage, and offered to its neighbours
+        if subkey is None:
+            swarm.attacker.store(model_key(SQUAT_MODEL), value, far)
+        else:
+            swarm.attacker.store(model_key(SQUAT_MODEL), value, far, subkey=subkey)
+    unvalidated = swarm.attacker.get(model_key(SQUAT_MODEL), latest=True)  # a node without the validator
+    assert unvalidated is not None and unvalidated.expiration_time >= far  # the squat is in the swarm
+
+    read = asyncio.run(fetch_records(swarm.client, SQUAT_MODEL))
+    assert [(record.peer_id, record.address) for record in read] == [(victim.peer_id, "127.0.0.1:5000")]
+
+    time.sleep(max(0.0, honest.expiration - get_dht_time()) + 0.5)
+    assert asyncio.run(fetch_records(swarm.client, SQUAT_MODEL)) == []
