@@ -27,6 +27,7 @@ from brigade.client.loop import LoopThread
 from brigade.client.remote import RemoteSwarm
 from brigade.client.sampling import SamplingParams, TokenChooser
 from brigade.client.session import FailoverEvent, InferenceSession
+from brigade.client.verification import ResultVerifier
 from brigade.kernels.checkpoint import resolve_config_folder
 from brigade.kernels.loading import load_config, load_head
 from brigade.protocol import brigade_pb2 as pb
@@ -71,6 +72,8 @@ class DistributedModelForCausalLM:
         self.last_route: list[str] = []
         self.last_events: list[FailoverEvent] = []  # recoveries during the last generate / stream
         self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
+        self.distrusted: set[str] = set()  # peers a result check caught cheating: no session of this model uses them
+        self.last_verifier: ResultVerifier | None = None  # result checks of the last generate / stream
         self._loop = LoopThread()
         self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
         # astream's embeddings, LM head and sampling: off every event loop, one thread (threads start lazily).
@@ -194,7 +197,7 @@ class DistributedModelForCausalLM:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         pads = left_pad_lengths(mask)
         max_length = input_ids.shape[1] + max_new_tokens
-        session = InferenceSession(self.swarm, self.bans, input_ids.shape[0], max_length, pads)
+        session, self.last_verifier = self._new_session(input_ids.shape[0], max_length, pads)
         self.last_events = session.events
         run = self._loop.run
         run(session.open())
@@ -285,8 +288,7 @@ class DistributedModelForCausalLM:
 
         async def produce() -> None:  # on the model's loop
             try:
-                session = InferenceSession(self.swarm, self.bans, input_ids.shape[0],
-                                           input_ids.shape[1] + max_new_tokens, pads)
+                session, _ = self._new_session(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, pads)
                 await self._run_session(session, decoder, max_new_tokens, deliver)
                 await deliver(_Finished(None))
             except _ConsumerGone:
@@ -319,6 +321,13 @@ class DistributedModelForCausalLM:
                     await asyncio.shield(closed)
             except TimeoutError:
                 logger.warning("an astream session did not close within %.0f s", CLOSE_TIMEOUT_S)
+
+    def _new_session(self, batch_size: int, max_length: int,
+                     pads: list[int]) -> tuple[InferenceSession, ResultVerifier | None]:
+        """A session that shares this model's bans and distrust, with its result checks attached."""
+        session = InferenceSession(self.swarm, self.bans, batch_size, max_length, pads)
+        session.distrusted = self.distrusted
+        return session, ResultVerifier.attach(session)
 
     async def _run_session(
         self, session: InferenceSession, decoder: _StepDecoder, max_new_tokens: int,
