@@ -264,6 +264,8 @@ class ResultVerifier:
         result = CheckResult(hop.peer.peer_id, precision_of(hop.peer), (hop.start, hop.end), (window.start, window.end))
         try:
             async with asyncio.timeout(self.config.verify_timeout_s):
+                if not await self._anyone_else(snapshot):
+                    raise _Skip("no_checker", f"no other peer serves layers {hop.start}:{hop.end}")
                 inputs, outputs = await self._read_back(window, snapshot, result)
                 await self._judge(window, snapshot, inputs, outputs, result)
         except _Verdict:
@@ -283,6 +285,14 @@ class ResultVerifier:
         result.seconds = time.monotonic() - began
         self.stats.seconds += result.seconds
         self.results.append(result)
+
+    async def _anyone_else(self, snapshot: _HopSnapshot) -> bool:
+        """Whether another usable peer serves the hop's layers (else reading anything back is wasted)."""
+        hop = snapshot.stream.hop
+        records = await self.session.swarm.records()
+        exclude = self.session.distrusted | self.session.bans.banned()
+        other = choose_checker(records, (hop.start, hop.end), [hop.peer], exclude, (), tolerance_of, self._rng)
+        return other is not None
 
     async def _read_back(self, window: _Window, snapshot: _HopSnapshot,
                          result: CheckResult) -> tuple[torch.Tensor, torch.Tensor]:

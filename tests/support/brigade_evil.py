@@ -4,7 +4,8 @@ tests and ``benchmarks/verification.py``.
 The embedded trained model (6 layers) split at 3, every half served several times: honest peers
 in float32, bfloat16 and nf4, and in each half one cheater (real peer processes, see
 ``brigade_evil_peer.py``): ``a_skip`` leaves out the middle layer of 0:3, ``b_noise`` adds noise of
-0.2 times the RMS of what 3:6 adds. A run is one session through a route the test picks (the
+0.2 times the RMS of what 3:6 adds, ``b_lie`` computes 3:6 honestly but hands checks (History)
+slightly altered outputs. A run is one session through a route the test picks (the
 other peers are banned while it opens, then forgiven, so all of them can re-run checks), fed a
 fixed token sequence (teacher forcing: the inputs do not depend on the outputs), for a number of
 windows.
@@ -52,6 +53,7 @@ LAYOUT = [
     PeerSpec("b16", (3, 6), dtype="bfloat16"),
     PeerSpec("b4", (3, 6), quant="nf4"),
     PeerSpec("b_noise", (3, 6), cheat="noise:0.2"),
+    PeerSpec("b_lie", (3, 6), cheat="lie:0.01"),
 ]
 CHEATERS = {spec.name for spec in LAYOUT if spec.cheat}
 
