@@ -112,12 +112,15 @@ def test_checks_are_skipped_and_counted_when_nobody_else_serves_the_layers(cheat
 
 
 def test_generate_with_every_window_checked_among_honest_peers(cheat_swarm: CheatSwarm) -> None:
+    """A left-padded batch whose prompt is prefilled in chunks (peers here chunk at 16 positions)."""
     honest = frozenset(cheat_swarm.ids[name] for name in ("a32", "a16", "b32", "b16"))
     with DistributedModelForCausalLM.from_pretrained(MODEL, cheat_swarm.swarm.initial_peers, allowed_peers=honest,
                                                      verify_rate=1.0, verify_window=4) as model:
-        prompt = torch.tensor([[5, 17, 300, 41, 9, 1000, 77]])
-        model.generate(prompt, max_new_tokens=24)
+        ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(5))
+        mask = torch.ones_like(ids)
+        mask[1, :13] = 0
+        model.generate(ids, attention_mask=mask, max_new_tokens=24)
         verifier = model.last_verifier
-        assert verifier is not None and verifier.stats.passed >= 2, verifier.stats
-        assert not verifier.stats.caught and not verifier.stats.unresolved
+        assert verifier is not None and verifier.stats.passed >= 4, verifier.stats
+        assert not verifier.stats.caught and not verifier.stats.unresolved and "error" not in verifier.stats.skipped
         assert not model.distrusted

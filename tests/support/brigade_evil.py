@@ -13,6 +13,7 @@ windows.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from brigade.peer.launcher import LocalSwarm
 
 MODEL = str(DEFAULT_MODEL_DIR)
 NUM_LAYERS = 6
+# Prefill chunks of 16 positions: re-runs and long prompts are computed (and forwarded) in several chunks.
 PEER_ARGS = ["--drain-grace", "1", "--announce-period", "1.5", "--record-ttl", "4", "--throughput", "500",
-             "--cache-tokens", "4096"]
+             "--cache-tokens", "4096", "--prefill-chunk-tokens", "16"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,18 @@ class CheatSwarm:
     def close(self) -> None:
         self.swarm.close()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by all peer processes (what checks cost the swarm)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for peer in self.swarm.peers:
+            try:
+                fields = Path(f"/proc/{peer.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return total
+
 
 def reference_outputs(tokens: torch.Tensor) -> torch.Tensor:
     """All 6 layers in float32 in this process, one prefill: [1, N, H] for ``tokens`` [1, N]."""
@@ -115,12 +129,16 @@ class RunOutcome:
 
 async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, route: list[str], tokens: torch.Tensor,
                       prompt: int, window: int, *, verify: bool = True, seed: int | None = None,
-                      drain_s: float = 60.0) -> RunOutcome:
+                      drain_s: float = 60.0, stop_when_caught: bool = False,
+                      distrust: tuple[str, ...] = ()) -> RunOutcome:
     """One session over ``route`` (names) feeding ``tokens`` [1, N]: a prompt, then one token per step.
 
     ``window`` is the client's ``verify_window`` (to turn a report's positions into a window index).
+    ``stop_when_caught``: end the session once the route's cheater is dropped. ``distrust``: names
+    the session avoids from the start (as if already caught).
     """
     session = InferenceSession(model.swarm, model.bans, 1, tokens.shape[1], [0])
+    session.distrusted.update(swarm.ids[name] for name in distrust)
     verifier = ResultVerifier.attach(session, random.Random(seed)) if verify else None
     others = [peer_id for name, peer_id in swarm.ids.items() if name not in route]
     for peer_id in others:  # the route the test asked for; afterwards every peer may re-run checks
@@ -139,6 +157,8 @@ async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, rou
             began = time.perf_counter()
             output = await session.step(model.head.embed(tokens[:, position : position + 1]))
             step_s.append(time.perf_counter() - began)
+            if stop_when_caught and cheater is not None and swarm.ids[cheater] in session.distrusted:
+                break
         if verifier is not None:
             await verifier.drain(drain_s)
         final_route = [swarm.names[hop.peer.peer_id] for hop in session.route]
@@ -154,5 +174,5 @@ async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, rou
         route=opened, cheater=cheater, caught_window=caught, reports=list(session.reports),
         results=list(verifier.results) if verifier else [], stats=verifier.stats if verifier else VerificationStats(),
         final_route=final_route, last_output=output[:, -1],
-        step_s=step_s, positions=tokens.shape[1],
+        step_s=step_s, positions=prompt + len(step_s),
     )
