@@ -122,9 +122,13 @@ def detection(model: DistributedModelForCausalLM, swarm: CheatSwarm, runs: int, 
         within = sum(1 for index in caught if index < windows)
         kinds = {report.kind for outcome in outcomes for report in outcome.reports
                  if swarm.ids[outcome.cheater or ""] in report.accused}
+        verdict_s = [result.seconds for outcome in outcomes for result in outcome.results
+                     if result.outcome == "caught" and swarm.ids[outcome.cheater or ""] in result.accused]
         print(f"  {label:30s} caught in {within}/{runs} runs ({within / runs:.0%}) within {windows} windows; "
               f"at window mean {statistics.mean(caught) if caught else float('nan'):.1f}, "
-              f"max {max(caught) if caught else '-'}; as {sorted(kinds)}; {time.monotonic() - began:.0f} s")
+              f"max {max(caught) if caught else '-'} (0-based); as {sorted(kinds)}; the catching check took "
+              f"{statistics.median(verdict_s) if verdict_s else float('nan'):.2f} s median, "
+              f"{max(verdict_s) if verdict_s else float('nan'):.2f} s max; {time.monotonic() - began:.0f} s")
         everything += outcomes
     return everything
 
