@@ -96,6 +96,7 @@ class HopSnapshot:
     logged_inputs: list[torch.Tensor] | None  # what this client sent it (positions from 0 on), when it holds them
     previous: HopStream | None = None  # otherwise its inputs are this hop's kept outputs
     previous_links: list[Link] = field(default_factory=list)
+    unusable: str = ""  # why its inputs cannot be had (the reason the check is skipped for), if so
 
 
 @dataclass
@@ -190,6 +191,8 @@ class HopCheck:
         stream = snapshot.stream
         if stream.peer_id in self.session.distrusted:
             raise _Skip("already_dropped")
+        if snapshot.unusable:
+            raise _Skip(snapshot.unusable, "its inputs came partly from a peer a failover replaced since")
         outputs_links = _within(snapshot.links, start, end)
         if outputs_links is None or (snapshot.logged_inputs is None and not snapshot.previous_links):
             raise _Skip("unattested", "some positions have no attestation (a partial rollback)")

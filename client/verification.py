@@ -57,6 +57,10 @@ class ResultVerifier:
         self._rng = rng or random.SystemRandom()  # peers must not be able to predict the checked windows
         self._schedule = WindowSchedule(self.config.verify_rate, self.config.verify_schedule, self._rng)
         self._chains: dict[str, AttestationChain] = {}  # per hop session id
+        # per hop session id: the previous hop's session id when it was first seen, and whether that
+        # previous hop was replaced since (its inputs before the failover then came from a peer whose
+        # session is gone: the new one's outputs are a replay, not the bytes this hop received)
+        self._upstream: dict[str, tuple[str | None, bool]] = {}
         self._length = 0  # the session's length after the last step seen
         self._window_start: int | None = None
         self._window_steps = 0
@@ -89,9 +93,16 @@ class ResultVerifier:
             chain = self._chains.setdefault(stream.session_id, AttestationChain())
             chain.ingest(stream.attestations)
             chain.finish_step(end)
+        for index, stream in enumerate(session.hops):
+            previous = session.hops[index - 1].session_id if index > 0 else None
+            seen, replaced = self._upstream.setdefault(stream.session_id, (previous, False))
+            if seen != previous and not replaced:
+                self._upstream[stream.session_id] = (seen, True)
         live = {stream.session_id for stream in session.hops}
         for session_id in [key for key in self._chains if key not in live]:
             del self._chains[session_id]  # that hop was replaced by a failover
+        for session_id in [key for key in self._upstream if key not in live]:
+            del self._upstream[session_id]
         if start < self._length:
             self._rollback_seq += 1
             self._rollbacks.append((self._rollback_seq, start))
@@ -121,6 +132,8 @@ class ResultVerifier:
         if stream.inputs.complete and stream.inputs.length >= end:
             return HopSnapshot(stream, links, stream.inputs.pieces())
         previous = self.session.hops[index - 1] if index > 0 else None
+        if self._upstream.get(stream.session_id, (None, False))[1]:
+            return HopSnapshot(stream, links, None, unusable="upstream_replaced")
         previous_links = self._chains[previous.session_id].covering(0, end) if previous is not None else None
         return HopSnapshot(stream, links, None, previous, previous_links or [])
 
