@@ -98,6 +98,11 @@ class PositionLog:
         tensor = torch.cat([chunk for _, chunk in self._chunks], dim=1)
         return tensor[:, :end]
 
+    def pieces(self) -> list[torch.Tensor]:
+        """The logged tensors in order, without copying them (they are never written in place):
+        ``torch.cat(pieces, dim=1)[:, :end]`` is ``read(end)``, done later or on another thread."""
+        return [chunk for _, chunk in self._chunks]
+
     def clear(self) -> None:
         self._chunks = []
         self.length = 0

@@ -30,6 +30,7 @@ from brigade.client.remote import RemoteSwarm
 from brigade.client.sampling import TokenChooser
 from brigade.client.session import FailoverEvent, InferenceSession
 from brigade.client.speculative import DraftCache, SpeculationStats, speculative_decoder
+from brigade.client.verification import ResultVerifier
 from brigade.kernels.checkpoint import resolve_config_folder
 from brigade.kernels.loading import load_config, load_head
 from brigade.protocol import brigade_pb2 as pb
@@ -77,6 +78,8 @@ class DistributedModelForCausalLM:
         self.last_speculation: SpeculationStats | None = None  # rounds of the last stream with a draft_model
         self._drafts = DraftCache()
         self.bans = PeerBans(client_config.ban_base_s, client_config.ban_max_s)
+        self.distrusted: set[str] = set()  # peers a result check caught cheating: no session of this model uses them
+        self.last_verifier: ResultVerifier | None = None  # result checks of the last generate / stream
         self._loop = LoopThread()
         self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
         # astream's embeddings, LM head and sampling: off every event loop, one thread (threads start lazily).
@@ -196,8 +199,8 @@ class DistributedModelForCausalLM:
             return
         pads = _check_prompt(input_ids, attention_mask)
         decoder, self.last_speculation = self._decoder(input_ids, options, pads, draft_model, draft_tokens, None)
-        session = InferenceSession(self.swarm, self.bans, input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
-                                   pads)
+        session, self.last_verifier = self._new_session(input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
+                                                        pads)
         self.last_events = session.events
         run = self._loop.run
         run(session.open())
@@ -274,8 +277,7 @@ class DistributedModelForCausalLM:
         async def produce() -> None:  # on the model's loop
             try:
                 decoder = await asyncio.get_running_loop().run_in_executor(self._head_executor, make_decoder)
-                session = InferenceSession(self.swarm, self.bans, input_ids.shape[0],
-                                           input_ids.shape[1] + max_new_tokens, pads)
+                session, _ = self._new_session(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, pads)
                 await self._run_session(session, decoder, deliver)
                 await deliver(_Finished(None))
             except _ConsumerGone:
@@ -308,6 +310,13 @@ class DistributedModelForCausalLM:
                     await asyncio.shield(closed)
             except TimeoutError:
                 logger.warning("an astream session did not close within %.0f s", CLOSE_TIMEOUT_S)
+
+    def _new_session(self, batch_size: int, max_length: int,
+                     pads: list[int]) -> tuple[InferenceSession, ResultVerifier | None]:
+        """A session that shares this model's bans and distrust, with its result checks attached."""
+        session = InferenceSession(self.swarm, self.bans, batch_size, max_length, pads)
+        session.distrusted = self.distrusted
+        return session, ResultVerifier.attach(session)
 
     async def _run_session(
         self, session: InferenceSession, decoder: Decoder, deliver: Callable[[torch.Tensor], Awaitable[None]],

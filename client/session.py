@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,8 @@ class _ForwardBroken(Exception):
 class FailoverEvent:
     """One recovery, for logs, tests and benchmarks."""
 
-    kind: str  # "failure" (peer banned), "migration" (peer leaving, no ban) or "unlink" (pair went client-driven)
+    kind: str  # "failure" (peer banned), "migration" (peer leaving, no ban), "unlink" (pair went client-driven)
+    # or "distrust" (a result check caught the peer: it and every later hop are rebuilt without it)
     peer_id: str
     layers: tuple[int, int]
     reason: str
@@ -99,6 +100,9 @@ class InferenceSession:
         self.hops: list[HopStream] = []
         self.events: list[FailoverEvent] = []
         self.step_listeners: list = []  # callables(session, start, positions) after each completed step
+        self.close_hooks: list[Callable[[], Awaitable[None]]] = []  # awaited first by close() (listeners' tasks)
+        self.distrusted: set[str] = set()  # peers a result check caught returning wrong results: never used again
+        self.reports: list[Any] = []  # result checks' evidence against them (client/verification.py)
         self._leaving: set[str] = set()  # peers that said they are draining
         self._unforwardable: set[tuple[str, str]] = set()  # peer pairs that could not reach each other
         self._wire_dtype = WIRE_DTYPES[self.config.wire_dtype]
@@ -143,6 +147,7 @@ class InferenceSession:
                     handling_broken, broken = broken, None
                     if handling_broken.index + 1 < len(self.hops):
                         await self._unlink(handling_broken.index, str(handling_broken))
+                await self._leave_distrusted(start, budget)
                 await self._migrate_leaving(start, budget)
                 began = time.monotonic()
                 output = await self._attempt(hidden, start)
@@ -305,6 +310,16 @@ class InferenceSession:
                 await self._replace(index, start, budget, event)
             index += 1
 
+    async def _leave_distrusted(self, start: int, budget: _Budget) -> None:
+        """Rebuilds the route from the first hop a result check caught cheating to the end: every later
+        hop's cache was computed from its wrong outputs."""
+        index = next((i for i, stream in enumerate(self.hops) if stream.peer_id in self.distrusted), None)
+        if index is not None:
+            stream = self.hops[index]
+            event = FailoverEvent("distrust", stream.peer_id, (stream.hop.start, self.hops[-1].hop.end),
+                                  "a result check caught it returning wrong results", 0.0)
+            await self._replace(len(self.hops) - 1, start, budget, event, first=index)
+
     async def _replay_input(self, index: int, end: int) -> torch.Tensor | None:
         """Hop ``index``'s inputs for positions [0, end): this client's log, or the previous peer's outputs."""
         if end == 0:
@@ -316,12 +331,14 @@ class InferenceSession:
             raise RuntimeError("the first hop's inputs are always kept by the client")
         return await self.hops[index - 1].history(end, self.config.step_timeout_s)
 
-    async def _replace(self, index: int, start: int, budget: _Budget, event: FailoverEvent) -> None:
-        """Swaps hop ``index`` (and earlier hops whose outputs were lost with it) for a new chain."""
+    async def _replace(self, index: int, start: int, budget: _Budget, event: FailoverEvent,
+                       first: int | None = None) -> None:
+        """Swaps hops ``first..index`` (default: just ``index``, and earlier hops whose outputs were lost
+        with it) for a new chain."""
         began = time.monotonic()
         if event.kind == "migration":
             self._leaving.add(self.hops[index].peer_id)
-        first = index
+        first = index if first is None else first
         while True:
             try:
                 replay = await self._replay_input(first, start)
@@ -400,7 +417,7 @@ class InferenceSession:
             fresh = True  # something changed: read the DHT again rather than a cached view
 
     def _excluded(self) -> set[str]:
-        return self.bans.banned() | self._leaving
+        return self.bans.banned() | self._leaving | self.distrusted
 
     async def _build_chain(
         self, start: int, end: int, history: torch.Tensor | None, exclude: Callable[[], set[str]], fresh: bool,
@@ -432,7 +449,7 @@ class InferenceSession:
             opens.append(HopStream.open(
                 self.swarm, hop, batch_size=self.batch_size, max_length=self.max_length,
                 pad_lengths=self.pad_lengths, session_id=session_ids[index], next_hop=next_hop,
-                upstream_peer_id=previous, keep_outputs=forwarding,
+                upstream_peer_id=previous, keep_outputs=forwarding or self.config.verify_rate > 0,
             ))
         results = await asyncio.gather(*opens, return_exceptions=True)
         streams = [result for result in results if isinstance(result, HopStream)]
@@ -472,11 +489,17 @@ class InferenceSession:
             output = decode(result.hidden)
             if tuple(output.shape) != (self.batch_size, result.positions, replay.shape[2]):
                 raise HopFailure(stream.hop, f"replay answered shape {list(output.shape)}")
+            stream.keep_attestation(result.attestation)
             pieces.append(output)
             covered += result.positions
         return torch.cat(pieces, dim=1)
 
     async def close(self) -> None:
+        for hook in self.close_hooks:
+            try:
+                await hook()
+            except Exception:
+                logger.exception("a session close hook failed")
         await asyncio.gather(*(stream.close() for stream in self.hops), return_exceptions=True)
         self.hops.clear()
 

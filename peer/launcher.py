@@ -38,6 +38,7 @@ class LaunchedProcess:
     # Every process group this entry ever ran: a killed peer's forked children (hivemind's DHT
     # process and its p2pd daemon) outlive it in its old group, and must still be stopped.
     groups: list[int] = field(default_factory=list)
+    entry: tuple[str, ...] = ("-m", "brigade")  # what the interpreter runs before ``args``
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Sends ``sig`` to the whole process group, as when the machine itself dies or hangs."""
@@ -78,12 +79,13 @@ class LocalSwarm:
         self.peers: list[LaunchedProcess] = []
         self.initial_peers: list[str] = []
 
-    def _spawn(self, name: str, args: list[str], threads: int | None = None) -> LaunchedProcess:
+    def _spawn(self, name: str, args: list[str], threads: int | None = None,
+               entry: tuple[str, ...] = ("-m", "brigade")) -> LaunchedProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "brigade", *args],
+            [sys.executable, *entry, *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -91,7 +93,7 @@ class LocalSwarm:
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop children in order
         )
         log_file.close()
-        return LaunchedProcess(name, process, log_path, args, threads, groups=[process.pid])
+        return LaunchedProcess(name, process, log_path, args, threads, groups=[process.pid], entry=entry)
 
     def _wait_ready(self, launched: LaunchedProcess, mark: str, timeout_s: float) -> dict[str, object]:
         deadline = time.monotonic() + timeout_s
@@ -120,8 +122,13 @@ class LocalSwarm:
         extra_args: list[str] | None = None,
         wait: bool = True,
         timeout_s: float = 120.0,
+        entry: tuple[str, ...] = ("-m", "brigade"),
     ) -> LaunchedProcess:
-        """Starts a peer hosting ``layers`` of ``model`` (None: auto); waits for its ready line unless told not to."""
+        """Starts a peer hosting ``layers`` of ``model`` (None: auto); waits for its ready line unless told not to.
+
+        ``entry`` replaces ``-m brigade`` on the command line: a wrapper that takes the same arguments
+        (tests run misbehaving peers this way).
+        """
         if not self.initial_peers:
             raise RuntimeError("start the bootstrap node first")
         span = "auto" if layers is None else f"{layers[0]}:{layers[1]}"
@@ -131,7 +138,7 @@ class LocalSwarm:
         if self.peer_threads:
             args += ["--num-threads", str(self.peer_threads)]
         args += extra_args or []
-        launched = self._spawn(f"peer{len(self.peers)}-{span.replace(':', '-')}", args, self.peer_threads)
+        launched = self._spawn(f"peer{len(self.peers)}-{span.replace(':', '-')}", args, self.peer_threads, entry)
         self.peers.append(launched)
         if wait:
             self._wait_ready(launched, PEER_READY, timeout_s)
@@ -147,7 +154,7 @@ class LocalSwarm:
         with open(launched.log_path, "ab") as log_file:
             log_file.write(b"\n--- restarted ---\n")
             launched.process = subprocess.Popen(
-                [sys.executable, "-m", "brigade", *launched.args],
+                [sys.executable, *launched.entry, *launched.args],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=_child_env(launched.threads), start_new_session=True,
             )

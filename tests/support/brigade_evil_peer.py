@@ -1,0 +1,91 @@
+"""A cheating peer for result-verification tests: the real ``brigade`` peer, computing wrongly.
+
+    python tests/support/brigade_evil_peer.py --cheat noise:0.2 peer run MODEL --layers 3:6 ...
+
+It is the real peer process (same server, records, TLS, tokens, forwarding, History) with one
+change in its compute: ``noise:S`` adds Gaussian noise of standard deviation ``S`` times the RMS
+of what its span added to each position (so ``S`` is the error relative to the span's work);
+``skip:K`` leaves out the ``K``-th layer of its span (0-based). It signs what it returns like an
+honest peer, so only a re-run elsewhere can tell. ``lie:S`` computes honestly but hands back its
+kept outputs (``History``, what a check reads) with noise of ``S`` times their RMS: what a peer
+would do to make a check compare something other than what it sent. ``LocalSwarm.add_peer(entry=evil_entry(...))``
+starts one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from brigade.cli import app  # LocalSwarm sets the OpenMP wait policy in the environment before torch loads
+from brigade.peer.executor import SpanExecutor
+from brigade.peer.sessions import OutputHistory
+
+
+def evil_entry(cheat: str) -> tuple[str, ...]:
+    """``LocalSwarm.add_peer``'s ``entry`` for a peer that cheats with ``cheat`` ("noise:S", "skip:K", "lie:S")."""
+    return (str(Path(__file__).resolve()), "--cheat", cheat)
+
+
+class _Skipped(nn.Module):
+    """A decoder layer that does nothing: its position's output is its input."""
+
+    def forward(self, hidden: torch.Tensor, *args: object) -> torch.Tensor:
+        return hidden
+
+
+def _add_noise(scale: float) -> None:
+    honest_forward = SpanExecutor._forward
+
+    def noisy_forward(self: SpanExecutor, plan: list) -> list[torch.Tensor]:
+        outputs = honest_forward(self, plan)
+        noisy = []
+        for (item, positions), output in zip(plan, outputs, strict=True):
+            inputs = item.hidden[:, item.done : item.done + positions].to(output.dtype)
+            added_rms = (output - inputs).pow(2).mean(dim=-1, keepdim=True).sqrt()  # [B, T, 1]
+            noisy.append(output + scale * added_rms * torch.randn_like(output))
+        return noisy
+
+    SpanExecutor._forward = noisy_forward  # type: ignore[method-assign]
+
+
+def _skip_layer(offset: int) -> None:
+    honest_init = SpanExecutor.__init__
+
+    def init_without_a_layer(self: SpanExecutor, span: nn.Module, *args: object, **kwargs: object) -> None:
+        span.layers[offset] = _Skipped()  # type: ignore[index]
+        honest_init(self, span, *args, **kwargs)  # type: ignore[arg-type]
+
+    SpanExecutor.__init__ = init_without_a_layer  # type: ignore[method-assign]
+
+
+def _lie_about_history(scale: float) -> None:
+    honest_read = OutputHistory.read
+
+    def lying_read(self: OutputHistory, start: int, end: int) -> torch.Tensor:
+        kept = honest_read(self, start, end)
+        return kept + scale * kept.pow(2).mean().sqrt() * torch.randn_like(kept)
+
+    OutputHistory.read = lying_read  # type: ignore[method-assign]
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] != "--cheat":
+        raise SystemExit("usage: brigade_evil_peer.py --cheat noise:S|skip:K|lie:S <brigade arguments>")
+    kind, _, value = argv[1].partition(":")
+    if kind == "noise":
+        _add_noise(float(value))
+    elif kind == "skip":
+        _skip_layer(int(value))
+    elif kind == "lie":
+        _lie_about_history(float(value))
+    else:
+        raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K or lie:S")
+    app(args=argv[2:], prog_name="brigade")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
