@@ -80,6 +80,7 @@ def main() -> int:
     args = parser.parse_args()
     shape = SHAPES["small" if args.small else "250m"]
     peer_args = ["--drain-grace", "1", "--num-threads", "1", "--prefill-chunk-tokens", str(args.chunk_tokens),
+                 "--client-cache-share", "1.0",
                  "--cache-tokens", str(2 * (args.prompt_tokens + 64))]
 
     with tempfile.TemporaryDirectory(prefix="brigade-bench-") as tmp:

@@ -46,6 +46,7 @@ class Round:
     steps: int
     passes_per_step: float
     first_tokens: list[int]
+    compute_ms: float  # the peers' compute per step, all hops together
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,13 +57,14 @@ class Round:
         return 1000 * self.seconds / self.steps
 
 
-async def peer_passes(model: DistributedModelForCausalLM, peers: list) -> int:
-    """Compute passes the peers have run so far (from their Info RPC)."""
-    total = 0
+async def peer_counters(model: DistributedModelForCausalLM, peers: list) -> tuple[int, float]:
+    """Compute passes the peers have run so far, and the seconds they spent in them (Info RPC)."""
+    passes, seconds = 0, 0.0
     for record in peers:
         info = await model.swarm.stub(record).Info(pb.InfoRequest(), timeout=10)
-        total += info.compute_passes
-    return total
+        passes += info.compute_passes
+        seconds += info.compute_seconds
+    return passes, seconds
 
 
 async def run_round(model: DistributedModelForCausalLM, prompts: torch.Tensor, steps: int) -> Round:
@@ -76,7 +78,7 @@ async def run_round(model: DistributedModelForCausalLM, prompts: torch.Tensor, s
         outputs = await asyncio.gather(*(s.step(hidden[i : i + 1]) for i, s in enumerate(sessions)))
         tokens = model.head.logits(torch.cat([out[:, -1] for out in outputs])).argmax(-1)
         chosen = [tokens]
-        passes_before = await peer_passes(model, list(records.values()))
+        passes_before, compute_before = await peer_counters(model, list(records.values()))
         began = time.perf_counter()
         for _ in range(steps):
             hidden = model.head.embed(tokens[:, None])
@@ -84,11 +86,13 @@ async def run_round(model: DistributedModelForCausalLM, prompts: torch.Tensor, s
             tokens = model.head.logits(torch.cat([out[:, -1] for out in outputs])).argmax(-1)
             chosen.append(tokens)
         seconds = time.perf_counter() - began
-        passes = await peer_passes(model, list(records.values())) - passes_before
+        passes, compute = await peer_counters(model, list(records.values()))
+        passes, compute = passes - passes_before, compute - compute_before
         hops = len(sessions[0].hops)
     finally:
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
-    return Round(count, seconds, steps, passes / steps / hops, [int(step[0]) for step in chosen])
+    return Round(count, seconds, steps, passes / steps / hops, [int(step[0]) for step in chosen],
+                 1000 * compute / steps)
 
 
 def main() -> int:
@@ -125,11 +129,12 @@ def main() -> int:
                     rounds.append(model._loop.run(run_round(model, prompts[:count], args.steps), 1800))
                     print(f"  {count} sessions: {rounds[-1].tokens_per_s:.1f} tokens/s", flush=True)
     single = next((r for r in rounds if r.sessions == 1), rounds[0])
-    print(f"\n{'sessions':>8}{'tokens/s':>10}{'ms/token':>10}{'vs 1':>7}{'passes/step':>13}  session 0 same")
+    print(f"\n{'sessions':>8}{'tokens/s':>10}{'ms/token':>10}{'vs 1':>7}{'passes/step':>13}"
+          f"{'peer compute ms':>17}  session 0 same")
     for r in rounds:
         same = "yes" if r.first_tokens == single.first_tokens else "NO"
         print(f"{r.sessions:>8}{r.tokens_per_s:>10.1f}{r.ms_per_token:>10.1f}"
-              f"{r.tokens_per_s / single.tokens_per_s:>7.2f}{r.passes_per_step:>13.2f}  {same}")
+              f"{r.tokens_per_s / single.tokens_per_s:>7.2f}{r.passes_per_step:>13.2f}{r.compute_ms:>17.1f}  {same}")
     print(f"({args.steps} greedy decode steps per session after a {args.prompt_tokens}-token prompt, 2 peers, "
           f"{os.cpu_count()} cores, torch {torch.__version__})")
     return 0

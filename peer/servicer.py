@@ -409,6 +409,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             cache_tokens=self.sessions.pool.capacity_tokens,
             compute_passes=self.executor.passes,
             computed_steps=self.executor.batched_items,
+            compute_seconds=self.executor.compute_seconds,
         )
 
     async def close(self) -> None:
