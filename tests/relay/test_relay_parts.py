@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -55,7 +56,11 @@ def test_a_no_proxy_entry_that_would_bypass_the_relay_is_named(monkeypatch: pyte
     with pytest.raises(RelayDialError, match=r"no_proxy entry '\.invalid'"):
         dial("127.0.0.1:1", "", allow_insecure=True, relay_for=IDS[0].peer_id)
     monkeypatch.setenv("no_grpc_proxy", "localhost")  # takes precedence over no_proxy, as in gRPC
-    dial("127.0.0.1:1", "", allow_insecure=True, relay_for=IDS[0].peer_id)
+
+    async def dial_and_close() -> None:  # an aio channel belongs to a running loop
+        await dial("127.0.0.1:1", "", allow_insecure=True, relay_for=IDS[0].peer_id).close()
+
+    asyncio.run(dial_and_close())
 
 
 # -- verdicts and advice ----------------------------------------------------------------------------
