@@ -10,7 +10,6 @@ every part of the swarm sees derives from that key.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 from pathlib import Path
@@ -20,10 +19,7 @@ import pytest
 from brigade_peer_client import open_session, peer_stub
 from brigade_security import SecuritySwarm
 
-from brigade.client.config import ClientConfig
-from brigade.client.remote import RemoteSwarm
 from brigade.protocol.identity import Identity, peer_id_of
-from brigade.protocol.records import PeerRecord
 from brigade.protocol.tls import spki_sha256
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,19 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
-
-
-def swarm_records(security_swarm: SecuritySwarm, config: ClientConfig) -> tuple[RemoteSwarm, list[PeerRecord]]:
-    swarm = RemoteSwarm(config, str(security_swarm.guard.info["model_name"]), 6)
-
-    async def read() -> list[PeerRecord]:
-        await swarm.start()
-        try:
-            return await swarm.records(0.0)
-        finally:
-            await swarm.close()
-
-    return swarm, asyncio.run(read())
 
 
 def test_a_peer_creates_its_key_file_0600_and_is_known_by_the_id_it_derives(security_swarm: SecuritySwarm) -> None:
@@ -54,7 +37,7 @@ def test_a_peer_creates_its_key_file_0600_and_is_known_by_the_id_it_derives(secu
     assert identity.peer_id == peer_id_of(identity.public_key)
     assert security_swarm.peer_id(security_swarm.guard) == identity.peer_id
 
-    _, records = swarm_records(security_swarm, ClientConfig(initial_peers=tuple(security_swarm.initial_peers)))
+    _, records = security_swarm.read_records()
     guard = [record for record in records if record.address == security_swarm.guard.info["address"]]
     assert len(guard) == 1, records
     record = guard[0]
@@ -70,14 +53,12 @@ def test_a_client_key_file_is_0600_and_its_id_is_the_one_peers_count(security_sw
     key_file = tmp_path / "client" / "me.key"
     old_umask = os.umask(0)  # even with a permissive umask
     try:
-        swarm, _ = swarm_records(security_swarm, ClientConfig(initial_peers=tuple(security_swarm.initial_peers),
-                                                              identity_path=str(key_file)))
+        swarm, _ = security_swarm.read_records(identity_path=str(key_file))
     finally:
         os.umask(old_umask)
     assert mode_of(key_file) == 0o600
     assert swarm.identity.peer_id == Identity.load_or_create(key_file).peer_id
-    again, _ = swarm_records(security_swarm, ClientConfig(initial_peers=tuple(security_swarm.initial_peers),
-                                                          identity_path=str(key_file)))
+    again, _ = security_swarm.read_records(identity_path=str(key_file))
     assert again.identity.peer_id == swarm.identity.peer_id  # a restart keeps the id
 
     # The guard refuses a session over one client's cache share (20 pages, its share is 16),

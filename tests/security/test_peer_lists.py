@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,9 @@ from transformers import AutoModelForCausalLM
 
 from brigade.client.config import ClientConfig
 from brigade.client.model import DistributedModelForCausalLM
-from brigade.client.remote import RemoteSwarm
 from brigade.peer.config import PeerConfig
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.identity import Identity
-from brigade.protocol.records import PeerRecord
 from brigade.protocol.tensors import encode
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,17 +35,8 @@ PROMPT = torch.tensor([[5, 17, 2, 99, 31, 8]])
 
 def routable(security_swarm: SecuritySwarm, **options: Any) -> set[str]:
     """The peer ids a client with ``options`` would route through."""
-    config = ClientConfig(initial_peers=tuple(security_swarm.initial_peers), **options)
-    swarm = RemoteSwarm(config, str(security_swarm.guard.info["model_name"]), 6)
-
-    async def read() -> list[PeerRecord]:
-        await swarm.start()
-        try:
-            return await swarm.records(0.0)
-        finally:
-            await swarm.close()
-
-    return {record.peer_id for record in asyncio.run(read())}
+    _, records = security_swarm.read_records(**options)
+    return {record.peer_id for record in records}
 
 
 def test_client_lists_decide_which_records_it_routes_through(security_swarm: SecuritySwarm) -> None:

@@ -153,17 +153,8 @@ def test_activations_do_not_cross_the_wire_in_plain_text(security_swarm: Securit
 def test_a_plain_text_peer_is_refused_by_default(security_swarm: SecuritySwarm) -> None:
     """The client never dials a record without a certificate unless it allows insecure peers."""
     plain = security_swarm.peer_id(security_swarm.plain)
-    swarm = RemoteSwarm(ClientConfig(initial_peers=tuple(security_swarm.initial_peers)),
-                        str(security_swarm.plain.info["model_name"]), 6)
-
-    async def read() -> list[PeerRecord]:
-        await swarm.start()
-        try:
-            return await swarm.records(0.0)
-        finally:
-            await swarm.close()
-
-    assert plain not in {record.peer_id for record in asyncio.run(read())}
+    _, records = security_swarm.read_records()
+    assert plain not in {record.peer_id for record in records}
     with pytest.raises(grpc.RpcError):  # and a TLS client cannot talk to it by accident
         channel, stub = peer_stub({**security_swarm.plain.info, "tls_cert": security_swarm.guard.info["tls_cert"]})
         with channel:

@@ -3,10 +3,15 @@ what several of those tests measure (a peer process's memory)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from brigade.client.config import ClientConfig
+from brigade.client.remote import RemoteSwarm
 from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+from brigade.protocol.records import PeerRecord
 
 GUARD_CACHE_TOKENS = 4096  # the guard peer's KV cache pool, in positions
 
@@ -27,6 +32,20 @@ class SecuritySwarm:
 
     def peer_id(self, peer: LaunchedProcess) -> str:
         return str(peer.info["peer_id"])
+
+    def read_records(self, **options: Any) -> tuple[RemoteSwarm, list[PeerRecord]]:
+        """The records a client with ``options`` reads (after its allow/block lists), and its swarm view."""
+        config = ClientConfig(initial_peers=tuple(self.initial_peers), **options)
+        swarm = RemoteSwarm(config, str(self.guard.info["model_name"]), 6)
+
+        async def read() -> list[PeerRecord]:
+            await swarm.start()
+            try:
+                return await swarm.records(0.0)
+            finally:
+                await swarm.close()
+
+        return swarm, asyncio.run(read())
 
 
 def memory_bytes(pid: int, field: str = "VmRSS") -> int:
