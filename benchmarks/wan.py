@@ -135,7 +135,7 @@ def main() -> None:
         draft = build_draft(checkpoint, Path(folder) / "draft", options.draft_noise) if "speculative" in modes else None
         rtt_ms = None if options.one_way_ms is None else 2 * options.one_way_ms
         header = (f"{'profile':<9} {'hops':>4}  {'mode':<11} {'ms/token':>9} {'median':>8} {'floor ms':>9} "
-                  f"{'above floor':>11} {'x floor':>8} {'1st token':>10}  same tokens")
+                  f"{'above floor':>11} {'x floor':>8} {'compute':>8} {'x f+c':>6} {'1st token':>10}  same tokens")
         print(header)
         print("-" * len(header))
         began = time.monotonic()
@@ -153,15 +153,18 @@ def main() -> None:
                         reference = reference or result.tokens
                         ms_per_token, median = _decode_ms(result)
                         floor = result.floor_ms
+                        compute = result.compute_ms if result.compute_ms is not None else float("nan")
                         print(f"{name:<9} {len(result.hops):>4}  {mode:<11} {ms_per_token:>9.1f} {median:>8.1f} "
                               f"{floor:>9.1f} {ms_per_token - floor:>11.1f} "
                               f"{ms_per_token / floor if floor else float('nan'):>8.2f} "
+                              f"{compute:>8.1f} {ms_per_token / (floor + compute):>6.2f} "
                               f"{result.first_token_ms:>10.0f}  {'yes' if result.tokens == reference else 'NO'}"
                               f"{_speculation(result)}",
                               flush=True)
         print(f"({options.new_tokens} greedy tokens per run, ms/token = mean decode step after the first token; "
               "floor: client = the route's round trips, forwarding and speculative = one way per hop + one back; "
               "speculative: ms/token after the first step, median of rounds (draft + step); "
+              "compute: the peers' compute per token (Info.compute_seconds), x f+c: ms/token / (floor + compute); "
               f"8-layer Llama, hidden {SHAPE['hidden_size']}, fp32 CPU, "
               f"1 torch thread per peer; {time.monotonic() - began:.0f} s in all)")
 

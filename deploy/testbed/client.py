@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 RESULT_MARK = "BRIGADE_TESTBED_RESULT"
 PROGRESS_MARK = "BRIGADE_TESTBED_TOKEN"  # with --progress: one line per token as it arrives (index, seconds)
@@ -32,6 +33,7 @@ class ClientRun:
     token_times_s: list[float]  # when each new token arrived, from the start of the generation
     route: list[str]  # "peer_id[start:end]" per hop, as the client used it
     speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
+    compute_ms: float | None = None  # the peers' compute per token (Info.compute_seconds; prefill spread in)
 
 
 _progress = False  # set by --progress
@@ -41,6 +43,23 @@ def report_progress(index: int, seconds: float) -> None:
     """One line per token, so a test can act mid-generation (kill a peer after the N-th token)."""
     if _progress:
         print(f"{PROGRESS_MARK} {index} {seconds:.3f}", flush=True)
+
+
+def peers_compute_s(distributed: Any) -> float:
+    """Seconds every peer of the model has spent computing so far (peers that do not answer count 0)."""
+    from brigade.protocol import brigade_pb2 as pb
+
+    async def total() -> float:
+        seconds = 0.0
+        for record in await distributed.swarm.records(0.0):
+            try:
+                info = await distributed.swarm.stub(record).Info(pb.InfoRequest(), timeout=5)
+            except Exception:  # a peer that went away: its compute is not this run's
+                continue
+            seconds += info.compute_seconds
+        return seconds
+
+    return distributed._loop.run(total(), 60)
 
 
 def _greedy(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int,
@@ -53,12 +72,14 @@ def _greedy(model: str, initial_peers: list[str], prompt_ids: list[int], new_tok
     with DistributedModelForCausalLM.from_pretrained(model, initial_peers, **client_options) as distributed:
         input_ids = torch.tensor([prompt_ids])
         tokens, times = [], []
+        computed_before = peers_compute_s(distributed)
         began = time.perf_counter()
         for step in distributed.stream(input_ids, max_new_tokens=new_tokens, do_sample=False):
             times.append(time.perf_counter() - began)
             tokens.append(int(step[0]))
             report_progress(len(tokens), times[-1])
-        return ClientRun(tokens, times, list(distributed.last_route))
+        compute_ms = 1000 * (peers_compute_s(distributed) - computed_before) / max(1, len(tokens))
+        return ClientRun(tokens, times, list(distributed.last_route), compute_ms=compute_ms)
 
 
 def client_driven(model: str, initial_peers: list[str], prompt_ids: list[int], new_tokens: int) -> ClientRun:
@@ -85,10 +106,12 @@ def speculative(model: str, initial_peers: list[str], prompt_ids: list[int], new
     with DistributedModelForCausalLM.from_pretrained(model, initial_peers, forwarding=True) as distributed:
         input_ids = torch.tensor([prompt_ids])
         tokens, times = [], []
+        computed_before = peers_compute_s(distributed)
         began = time.perf_counter()
         for step in distributed.stream(input_ids, max_new_tokens=new_tokens, do_sample=False, draft_model=draft):
             times.append(time.perf_counter() - began)
             tokens.append(int(step[0]))
+        compute_ms = 1000 * (peers_compute_s(distributed) - computed_before) / max(1, len(tokens))
         stats = distributed.last_speculation
         assert stats is not None
         drafted = max(1, stats.drafted)
@@ -99,7 +122,7 @@ def speculative(model: str, initial_peers: list[str], prompt_ids: list[int], new
                    "draft_ms_per_token": sum(r.draft_ms for r in stats.rounds) / drafted,
                    "first_step_tokens": stats.rounds[0].accepted + 1,  # came with the first token
                    "median_round_ms": statistics.median(later)}  # draft + step, after the first
-        return ClientRun(tokens, times, list(distributed.last_route), summary)
+        return ClientRun(tokens, times, list(distributed.last_route), summary, compute_ms)
 
 
 Mode = Callable[..., ClientRun]  # (model, initial_peers, prompt_ids, new_tokens, **mode options) -> ClientRun

@@ -72,6 +72,7 @@ class GenerationResult:
     hops: list[Host] = field(default_factory=list)  # the hosts those peers live on, in route order
     mode: str = "forwarding"  # how tokens travelled (``client.MODES``)
     speculation: dict[str, float] | None = None  # the speculative mode's acceptance and steps
+    compute_ms: float | None = None  # the peers' compute per token, as the client measured it
 
     @property
     def first_token_ms(self) -> float:
@@ -278,7 +279,8 @@ class Testbed:
             raise RuntimeError(f"the client failed (exit {client.process.returncode}):\n{client.log_tail()}")
         data = json.loads(lines[-1][len(RESULT_MARK) + 1 :])
         result = GenerationResult(data["prompt_ids"], data["tokens"], data["token_times_s"], data["route"],
-                                  mode=data.get("mode", "forwarding"), speculation=data.get("speculation"))
+                                  mode=data.get("mode", "forwarding"), speculation=data.get("speculation"),
+                                  compute_ms=data.get("compute_ms"))
         by_peer_id = {str(peer.info.get("peer_id")): peer.host for peer in self.peers}
         result.hops = [by_peer_id[hop.split("[")[0]] for hop in result.route if hop.split("[")[0] in by_peer_id]
         return result
