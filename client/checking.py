@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Iterable
 
 import torch
 
-from brigade.protocol.records import PeerRecord
+from brigade.protocol.records import PeerRecord, newest_per_peer
 
 # Tolerance of one peer by precision: a compute dtype plus, for quantized peers, the quantization's own.
 PRECISION_TOLERANCE: dict[str, float] = {
@@ -147,11 +147,7 @@ def choose_checker(
     host), not on the session's route (``busy``: the check should not slow it), the tightest
     tolerance (a check is only as sensitive as the looser peer allows); at random among equals.
     """
-    newest: dict[str, PeerRecord] = {}
-    for record in records:
-        held = newest.get(record.peer_id)
-        if held is None or record.signed_at > held.signed_at:
-            newest[record.peer_id] = record
+    newest = newest_per_peer(records)
     avoid = {record.peer_id for record in against} | set(exclude)
     candidates = [record for record in newest.values()
                   if record.state == "online" and record.spans(*layers) and record.peer_id not in avoid]

@@ -21,7 +21,7 @@ import grpc
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channels import peer_channel
-from brigade.protocol.records import MAX_PINGS, PeerRecord
+from brigade.protocol.records import MAX_PINGS, PeerRecord, newest_per_peer
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,7 @@ def next_hop_targets(records: list[PeerRecord], self_id: str, end_layer: int, kn
     Peers measured before are kept first, so the announced set stays stable; the rest are drawn
     at random, so over time a crowded next layer is sampled fairly.
     """
-    newest: dict[str, PeerRecord] = {}
-    for record in records:
-        held = newest.get(record.peer_id)
-        if held is None or record.signed_at > held.signed_at:
-            newest[record.peer_id] = record
+    newest = newest_per_peer(records)
     candidates = [record for record in newest.values()
                   if record.peer_id != self_id and record.state == "online"
                   and record.start_layer <= end_layer < record.end_layer]

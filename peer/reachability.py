@@ -36,7 +36,7 @@ from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channels import InsecurePeerError, dial, peer_channel
 from brigade.protocol.errors import InvalidTokenError
 from brigade.protocol.identity import Identity
-from brigade.protocol.records import PeerRecord, parse_address
+from brigade.protocol.records import PeerRecord, newest_per_peer, parse_address
 from brigade.protocol.tls import TlsPinError
 from brigade.protocol.tokens import TokenVerifier, make_token
 
@@ -228,11 +228,7 @@ def decide(results: list[ProbeResult]) -> bool | None:
 def choose_probers(records: list[PeerRecord], self_id: str, rng: random.Random,
                    limit: int = MAX_PROBERS) -> list[PeerRecord]:
     """Up to ``limit`` online peers reachable directly (a relayed prober would see its relay's address)."""
-    newest: dict[str, PeerRecord] = {}
-    for record in records:
-        held = newest.get(record.peer_id)
-        if held is None or record.signed_at > held.signed_at:
-            newest[record.peer_id] = record
+    newest = newest_per_peer(records)
     candidates = [record for record in newest.values()
                   if record.peer_id != self_id and record.state == "online" and not record.relay_peer_id
                   and record.reachable is not False]

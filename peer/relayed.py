@@ -33,7 +33,7 @@ from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channels import dial, peer_channel
 from brigade.protocol.identity import Identity
-from brigade.protocol.records import PeerRecord, parse_address
+from brigade.protocol.records import PeerRecord, newest_per_peer, parse_address
 from brigade.protocol.tokens import make_token
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,7 @@ class RelayState:
 
 def relay_candidates(records: list[PeerRecord], self_id: str) -> list[PeerRecord]:
     """Peers that offer relaying and can be reached directly: online, not relayed themselves, newest record each."""
-    newest: dict[str, PeerRecord] = {}
-    for record in records:
-        held = newest.get(record.peer_id)
-        if held is None or record.signed_at > held.signed_at:
-            newest[record.peer_id] = record
+    newest = newest_per_peer(records)
     return [record for record in newest.values()
             if record.peer_id != self_id and record.relay_address and not record.relay_peer_id
             and record.reachable is not False and record.state == "online"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -265,3 +266,14 @@ def model_name_for(model: str) -> str:
     name = path.resolve().name if path.is_dir() else model
     model_key(name)  # validates
     return name
+
+
+def newest_per_peer(records: Iterable[PeerRecord]) -> dict[str, PeerRecord]:
+    """Each peer's most recently signed record: reads merged from several nodes or snapshots hold
+    older copies, and only the newest says where a peer is now."""
+    newest: dict[str, PeerRecord] = {}
+    for record in records:
+        held = newest.get(record.peer_id)
+        if held is None or record.signed_at > held.signed_at:
+            newest[record.peer_id] = record
+    return newest

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brigade.protocol.errors import MissingLayersError
-from brigade.protocol.records import PeerRecord
+from brigade.protocol.records import PeerRecord, newest_per_peer
 
 DEFAULT_RTT_MS = 20.0  # a peer the client has not measured yet (typical for one region)
 CACHE_PENALTY_MS = 10_000.0  # a peer short of cache would make the session wait cache_wait_s, or fail
@@ -86,11 +86,7 @@ def _check_range(start: int, end: int) -> None:
 
 def _usable(records: Iterable[PeerRecord], exclude: Collection[str]) -> list[PeerRecord]:
     """Online, non-excluded records, the newest one per peer (an older snapshot may be merged in)."""
-    newest: dict[str, PeerRecord] = {}
-    for record in records:
-        held = newest.get(record.peer_id)
-        if held is None or record.signed_at > held.signed_at:
-            newest[record.peer_id] = record
+    newest = newest_per_peer(records)
     excluded = set(exclude)
     return [
         record

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from brigade.protocol.records import PeerRecord
+from brigade.protocol.records import PeerRecord, newest_per_peer
 
 # Assumed per-layer throughput when no peer of the swarm announced one (old peers send 0).
 FALLBACK_THROUGHPUT = 100.0
@@ -79,11 +79,7 @@ class SwarmSnapshot:
         Records of another model size, or spans past ``num_layers``, are left out: they cannot
         serve this model's layers.
         """
-        newest: dict[str, PeerRecord] = {}
-        for record in records:
-            held = newest.get(record.peer_id)
-            if held is None or record.signed_at > held.signed_at:
-                newest[record.peer_id] = record
+        newest = newest_per_peer(records)
         online = [
             record for record in newest.values()
             if record.state == "online" and record.num_layers == num_layers and record.end_layer <= num_layers
