@@ -220,7 +220,10 @@ def test_a_session_streaming_past_its_byte_cap_is_refused(
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
     assert f"would pass its cap of {session_cap}" in caught.value.details()
     assert answered == (session_cap // step_bytes) * max_length  # every step within the cap was answered
-    assert sent < session_cap + 64 * step_bytes  # the stream ended soon after the cap, not at 1 GiB
+    # The stream ended soon after the cap, not at 1 GiB. How far the generator runs past the refusal
+    # depends on HTTP/2 flow-control windows and scheduling (10 MiB seen on a loaded machine), so
+    # the bound is the message cap, still a hundredth of what the flood meant to send.
+    assert sent < 64 * 2**20
     assert growth < 2 * MESSAGE_CAP, f"peer memory grew by {growth / 2**20:.0f} MiB"
 
 
