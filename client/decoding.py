@@ -92,6 +92,13 @@ class Finisher:
         return not bool(self.unfinished.any())
 
 
+def recomputes(head: Any, past: int, total: int) -> bool:
+    """True when a step growing the session from ``past`` to ``total`` positions must instead send the whole
+    sequence from position 0 (``ModelArgs.recompute_at``: Phi-3 crossing its original length)."""
+    at = head.args.recompute_at()
+    return at is not None and past <= at < total
+
+
 class StepDecoder:
     """Plain decoding: one position per step, the next token chosen from the last position's logits."""
 
@@ -115,6 +122,9 @@ class StepDecoder:
     def next(self) -> StepInput | None:
         if self.finisher.done or self.emitted >= self.max_new_tokens:
             return None
+        length = self.sequences.shape[1]
+        if recomputes(self.head, length - 1, length):
+            return StepInput(self.head.embed(self.sequences), 0)
         return StepInput(self.head.embed(self.sequences[:, -1:]))
 
 

@@ -81,7 +81,7 @@ class DistributedModelForCausalLM:
         self.distrusted: set[str] = set()  # peers a result check caught cheating: no session of this model uses them
         self.last_verifier: ResultVerifier | None = None  # result checks of the last generate / stream
         self._loop = LoopThread()
-        self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers)
+        self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers, head.args.rope_by_length)
         # astream's embeddings, LM head and sampling: off every event loop, one thread (threads start lazily).
         self._head_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brigade-head")
 

@@ -358,7 +358,8 @@ class HopCheck:
             length = inputs.shape[1]
             hidden = await asyncio.to_thread(encode, inputs, self._wire)
             await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=pb.Step(
-                hidden=hidden, start_position=0, step_id=1, step_positions=length)))
+                hidden=hidden, start_position=0, step_id=1, step_positions=length,
+                rope_lengths=session.rope_lengths_for(0, length))))
             pieces: list[torch.Tensor] = []
             links: list[Link] = []
             public_key = bytes.fromhex(record.public_key)

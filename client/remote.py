@@ -27,10 +27,13 @@ logger = logging.getLogger(__name__)
 class RemoteSwarm:
     """Lives on the client's event loop; ``start`` joins the DHT, ``close`` leaves it."""
 
-    def __init__(self, config: ClientConfig, model_name: str, num_layers: int):
+    def __init__(self, config: ClientConfig, model_name: str, num_layers: int, rope_by_length: bool = False):
         self.config = config
         self.model_name = model_name
         self.num_layers = num_layers
+        # The model's rotary table depends on the sequence length (dynamic NTK, LongRoPE): steps say
+        # which forward call each position belongs to (kernels/rope.py).
+        self.rope_by_length = rope_by_length
         self._dht: Any = None
         self._records: list[PeerRecord] = []
         self._records_at = float("-inf")

@@ -107,6 +107,14 @@ class InferenceSession:
         self._unforwardable: set[tuple[str, str]] = set()  # peer pairs that could not reach each other
         self._wire_dtype = WIRE_DTYPES[self.config.wire_dtype]
         self._step_id = 0
+        # Per position so far: the length of the step (forward call) it was computed in, for models whose
+        # rotary table depends on it. Every hop, replay and re-check sends these, so a rebuilt cache
+        # and a re-run compute exactly what the original steps did.
+        self.rope_lengths: list[int] = []
+
+    def rope_lengths_for(self, start: int, end: int) -> list[int]:
+        """The call lengths of positions [start, end) as sent with a step ([] when the rope ignores them)."""
+        return self.rope_lengths[start:end] if self.swarm.rope_by_length else []
 
     @property
     def route(self) -> list[Hop]:
@@ -133,6 +141,9 @@ class InferenceSession:
         failure: HopFailure | None = None
         broken: _ForwardBroken | None = None
         began = time.monotonic()
+        if self.swarm.rope_by_length:  # transformers' max(position_ids) + 1 of this call
+            call_length = start + length - min(self.pad_lengths)
+            self.rope_lengths[start:] = [call_length] * length
         while True:
             # Recovery work may itself meet a dead peer (a relink to a neighbour that died too): that
             # failure is handled on the next round like any other, so the loop is the only recovery path.
@@ -200,7 +211,7 @@ class InferenceSession:
                 sent_at.append(time.monotonic())
                 await streams[0].send(pb.InferenceRequest(session_id=streams[0].session_id, step=pb.Step(
                     hidden=encode(chunk, self._wire_dtype), start_position=position, step_id=step_id,
-                    step_positions=length)))
+                    step_positions=length, rope_lengths=self.rope_lengths_for(position, position + chunk.shape[1]))))
 
         sender = asyncio.create_task(feed(), name="feed-run")
         try:
@@ -482,7 +493,8 @@ class InferenceSession:
         length = replay.shape[1]
         stream.inputs.append(0, replay)
         await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=pb.Step(
-            hidden=encode(replay, self._wire_dtype), start_position=0, step_id=step_id, step_positions=length)))
+            hidden=encode(replay, self._wire_dtype), start_position=0, step_id=step_id, step_positions=length,
+            rope_lengths=self.rope_lengths_for(0, length))))
         pieces, covered = [], 0
         while covered < length:
             result = await self._result(stream, step_id, self.config.step_timeout_s)

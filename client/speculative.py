@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from brigade.client.decoding import Finisher, GenerationOptions, StepInput, StepReport
+from brigade.client.decoding import Finisher, GenerationOptions, StepInput, StepReport, recomputes
 from brigade.client.sampling import TokenChooser
 
 logger = logging.getLogger(__name__)
@@ -442,10 +442,13 @@ class SpeculativeDecoder:
         else:
             drafts, probs = self.sequences.new_empty(self.sequences.shape[0], 0), None
         draft_s = time.perf_counter() - began
-        tokens = torch.cat([self.sequences[:, self.settled:], drafts], dim=1)
-        self._round = _Round(k, drafts, probs, self.settled, tokens.shape[1], draft_s)
+        start = self.settled
+        if recomputes(self.head, start, self.sequences.shape[1] + drafts.shape[1]):
+            start = 0  # the whole sequence as one call, as transformers' Phi-3 does at its switch length
+        tokens = torch.cat([self.sequences[:, start:], drafts], dim=1)
+        self._round = _Round(k, drafts, probs, start, tokens.shape[1], draft_s)
         self.sent += tokens.shape[1]
-        return StepInput(self.head.embed(tokens), self.settled)
+        return StepInput(self.head.embed(tokens), start)
 
     def accept(self, out: torch.Tensor, report: StepReport) -> list[torch.Tensor]:
         step, self._round = self._round, None

@@ -29,6 +29,9 @@ class Segment:
     hidden: torch.Tensor  # [B, T, H]
     pad_lengths: torch.Tensor  # [B] int64: left padding of each sequence
     cache: KVCache | None = None  # None: a stateless pass over whole sequences, nothing kept
+    # [T] int64: length of the forward call each new position belongs to (kernels/rope.py); None:
+    # this segment is the whole call. Only length-dependent rope variants (dynamic, longrope) read it.
+    rope_lengths: torch.Tensor | None = None
 
 
 class SegmentBatch:
@@ -54,6 +57,23 @@ class SegmentBatch:
                      for seg, offset in zip(segments, self.offsets, strict=True)]
         self.positions = positions[0] if len(positions) == 1 else torch.cat(positions)  # [N]
         self._masks: dict[tuple[int, int | None, int | None], torch.Tensor | None] = {}
+        self._rope_lengths: torch.Tensor | None = None
+        self._alibi: dict[tuple[int, str, int], torch.Tensor] = {}
+
+    @property
+    def rope_lengths(self) -> torch.Tensor:
+        """The call length of every flat row [N]: a segment without its own is one whole call, whose
+        length is transformers' ``max(position_ids) + 1`` (its last slot past the least padding)."""
+        if self._rope_lengths is None:
+            per_segment = []
+            for seg, offset, (batch, length) in zip(self.segments, self.offsets, self.shapes, strict=True):
+                lengths = seg.rope_lengths
+                if lengths is None:
+                    whole = offset + length - int(seg.pad_lengths.min())
+                    lengths = torch.full((length,), whole, dtype=torch.long)
+                per_segment.append(lengths.to(self.positions.device)[None, :].expand(batch, length).reshape(-1))
+            self._rope_lengths = per_segment[0] if len(per_segment) == 1 else torch.cat(per_segment)
+        return self._rope_lengths
 
     def flatten(self) -> torch.Tensor:
         """Every segment's hidden states as one ``[N, H]`` matrix (a view when there is one segment)."""
@@ -75,6 +95,24 @@ class SegmentBatch:
                                               window=window, key_slots=key_slots)
         return self._masks[key]
 
+    def _alibi_bias(self, index: int, mask: torch.Tensor | None, slopes: torch.Tensor, keys: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """The additive ALiBi bias of segment ``index`` [B, heads, T, S], masked keys at -inf (once per pass).
+
+        A key's position is its slot past the row's padding, as transformers' ``build_alibi_tensor``
+        counts it from the attention mask; only full-attention layers (keys in slot order) use it.
+        """
+        key = (index, "alibi", keys)
+        if key not in self._alibi:
+            seg = self.segments[index]
+            key_positions = (torch.arange(keys, device=seg.pad_lengths.device)[None, :]
+                             - seg.pad_lengths[:, None]).clamp_min(0)  # [B, S]
+            bias = (slopes.float()[None, :, None, None] * key_positions[:, None, None, :].float()).to(dtype)
+            if mask is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))  # [B, heads, T, S]
+            self._alibi[key] = bias
+        return self._alibi[key]
+
     def attend(
         self,
         layer: int,
@@ -85,6 +123,7 @@ class SegmentBatch:
         window: int | None = None,
         scale: float | None = None,
         softcap: float | None = None,
+        alibi: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of every segment against its own cache of global layer ``layer``.
 
@@ -92,8 +131,8 @@ class SegmentBatch:
         segment's k and v into its cache at its offset, then attends over what the cache holds
         (every earlier slot, or a windowed layer's ring; see ``KVCache.update``).
         ``window``: keys further back than this many positions are hidden (sliding window).
-        ``softcap``: scores pass through ``softcap * tanh(s / softcap)`` (Gemma 2). Returns
-        [N, heads * D].
+        ``softcap``: scores pass through ``softcap * tanh(s / softcap)`` (Gemma 2). ``alibi``
+        ([heads] slopes): each score gains ``slope * key position`` (BLOOM). Returns [N, heads * D].
         """
         heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
         outputs = []
@@ -107,6 +146,8 @@ class SegmentBatch:
             if seg.cache is not None:
                 k_s, v_s, key_slots = seg.cache.update(layer, offset, k_s, v_s)  # [B, kv, S, D]
             mask = self._mask(index, window, key_slots)
+            if alibi is not None:
+                mask = self._alibi_bias(index, mask, alibi, k_s.shape[2], q_s.dtype)
             if softcap is None:
                 out = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, scale=scale,
                                                      enable_gqa=kv_heads != heads)  # [B, heads, T, D]

@@ -29,6 +29,10 @@ class CheckpointError(FileNotFoundError):
     """The checkpoint is missing, not in safetensors format, or lacks a tensor."""
 
 
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors are not the ones its config describes (names or shapes)."""
+
+
 def layer_of(tensor_name: str) -> int | None:
     """The decoder layer a tensor belongs to, or None for embeddings, norms and heads."""
     match = _LAYER_NAME.match(tensor_name)
@@ -57,6 +61,18 @@ class Checkpoint:
 
     def names(self, keep: Callable[[str], bool]) -> list[str]:
         return sorted(name for name in self.weight_map if keep(name))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers only (nothing is read into memory)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file_name in sorted(set(self.weight_map.values())):
+            path = self.folder / file_name
+            if not path.exists():
+                raise CheckpointError(f"{path} is named by the checkpoint's index but missing")
+            with safe_open(path, framework="pt") as file:
+                for name in file.keys():
+                    shapes[name] = tuple(file.get_slice(name).get_shape())
+        return shapes
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Reads exactly ``names``, opening each file that holds one of them once."""

@@ -11,11 +11,12 @@ in ``FAMILIES``, and a parity test (see docs/families.md).
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from brigade.kernels import falcon, gemma, llama, mixtral, phi3
+from brigade.kernels import bloom, falcon, gemma, llama, mixtral, phi3
 from brigade.kernels.span import ModelArgs, Span, UnsupportedModelError
 
 
@@ -25,10 +26,29 @@ class Family:
     model_types: tuple[str, ...]  # transformers' config.model_type values it serves
     span_class: type[Span]
     layer_prefix: str = "model.layers"  # checkpoint names of layer i start with "{layer_prefix}.{i}."
+    # Prefix a checkpoint saved from the bare model lacks (BLOOM's published ones: "h.3." for "transformer.h.3.").
+    base_prefix: str | None = None
 
     @cached_property
     def layer_pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(self.layer_prefix)}\.(\d+)\.")
+        prefix = re.escape(self.layer_prefix)
+        if self.base_prefix and self.layer_prefix.startswith(self.base_prefix + "."):
+            base = re.escape(self.base_prefix + ".")
+            prefix = f"(?:{base})?{re.escape(self.layer_prefix[len(self.base_prefix) + 1:])}"
+        return re.compile(rf"^{prefix}\.(\d+)\.")
+
+    def full_name(self, name: str) -> str:
+        """A checkpoint name with the base prefix, however the checkpoint spells it."""
+        if not self.base_prefix or name.startswith(self.base_prefix + ".") or name == "lm_head.weight":
+            return name
+        return f"{self.base_prefix}.{name}"
+
+    def checkpoint_name(self, name: str, available: Container[str]) -> str:
+        """``name`` as this checkpoint spells it: without the base prefix when saved from the bare model."""
+        if name in available or not self.base_prefix or not name.startswith(self.base_prefix + "."):
+            return name
+        bare = name[len(self.base_prefix) + 1 :]
+        return bare if bare in available else name
 
     def layer_of(self, tensor_name: str) -> int | None:
         """The decoder layer a checkpoint tensor belongs to, or None for the client's tensors."""
@@ -49,6 +69,7 @@ FAMILIES = (
     Family("gemma", gemma.MODEL_TYPES, gemma.GemmaSpan),
     Family("phi3", phi3.MODEL_TYPES, phi3.Phi3Span),
     Family("falcon", falcon.MODEL_TYPES, falcon.FalconSpan, layer_prefix="transformer.h"),
+    Family("bloom", bloom.MODEL_TYPES, bloom.BloomSpan, layer_prefix="transformer.h", base_prefix="transformer"),
 )
 SUPPORTED_MODEL_TYPES = tuple(sorted(model_type for family in FAMILIES for model_type in family.model_types))
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}

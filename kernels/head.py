@@ -24,12 +24,16 @@ class ClientHead(nn.Module):
         self.spec = self.args.head()
         self.embed_tokens = nn.Embedding(self.args.vocab_size, self.args.hidden_size)
         self.norm = self.spec.make_norm()
+        if self.spec.embed_norm is not None:  # BLOOM: the same kind of norm as the final one
+            self.embed_norm = self.spec.make_norm()
         self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
 
     def checkpoint_names(self) -> dict[str, str]:
         """Checkpoint tensor name -> this module's state-dict key, LM head included (tied or not)."""
         names = {self.spec.embed: "embed_tokens.weight", self.spec.lm_head: "lm_head.weight"}
         names.update({f"{self.spec.norm}.{key}": f"norm.{key}" for key in self.norm.state_dict()})
+        if self.spec.embed_norm is not None:
+            names.update({f"{self.spec.embed_norm}.{key}": f"embed_norm.{key}" for key in self.embed_norm.state_dict()})
         return names
 
     @torch.inference_mode()
@@ -37,6 +41,8 @@ class ClientHead(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [B, T] -> [B, T, H]
         if self.spec.embed_scale is not None:  # rounded to the compute dtype first, as the reference does
             hidden = hidden * torch.tensor(self.spec.embed_scale, dtype=hidden.dtype)
+        if self.spec.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
         return hidden
 
     @torch.inference_mode()

@@ -2,8 +2,10 @@
 
 q, k and v come out of one ``qkv_proj`` and gate and up out of one ``gate_up_proj`` (one matmul
 each, loaded as stored). Rotary may cover only part of each head (``partial_rotary_factor``),
-and a config's ``sliding_window`` applies to every layer. LongRoPE (the 128k variants) changes
-its frequencies with the sequence length and is refused for now.
+and a config's ``sliding_window`` applies to every layer. LongRoPE (Phi-3.5, the 128k variants)
+changes its frequencies with the sequence length (``kernels/rope.py``), and generation recomputes
+the whole sequence once it first grows past ``original_max_position_embeddings``, as transformers'
+Phi-3 does (``recompute_at``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MODEL_TYPES = ("phi3",)
 class Phi3Args(ModelArgs):
     intermediate_size: int
     rms_norm_eps: float
+    original_max_positions: int | None  # where generation recomputes the whole sequence (see recompute_at)
 
     @classmethod
     def from_config(cls, config: Any) -> Phi3Args:
@@ -32,11 +35,15 @@ class Phi3Args(ModelArgs):
             raise UnsupportedModelError(f"model type {config.model_type!r} is not phi3")
         if config.hidden_act != "silu":
             raise UnsupportedModelError(f"activation {config.hidden_act!r} is not supported; expected silu")
+        original = getattr(config, "original_max_position_embeddings", None)
         return cls(**ModelArgs.common(config), intermediate_size=config.intermediate_size,
-                   rms_norm_eps=config.rms_norm_eps)
+                   rms_norm_eps=config.rms_norm_eps, original_max_positions=int(original) if original else None)
 
     def head(self) -> HeadSpec:
         return HeadSpec(make_norm=lambda: RMSNorm(self.hidden_size, self.rms_norm_eps))
+
+    def recompute_at(self) -> int | None:
+        return self.original_max_positions
 
 
 class Attention(nn.Module):

@@ -18,16 +18,23 @@ from torch import nn
 
 from brigade.kernels.batch import Segment, SegmentBatch
 from brigade.kernels.cache import KVCache, cache_positions
+from brigade.kernels.rope import (
+    Rope,
+    RopeConfigError,
+    Rotary,
+    apply_rotary,
+    depends_on_length,
+    rope_layer_types,
+    usable_positions,
+)
 
-UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")  # their frequencies depend on the sequence length
+__all__ = ["HeadSpec", "ModelArgs", "RMSNorm", "Rope", "Rotary", "Span", "UnsupportedModelError", "apply_rotary"]
+
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's family or options are not implemented here."""
-
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [N, rotary_dim] each
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class HeadSpec:
     norm: str = "model.norm"  # checkpoint prefix of the final norm's parameters
     lm_head: str = "lm_head.weight"
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden), in the compute dtype
+    embed_norm: str | None = None  # BLOOM: checkpoint prefix of a LayerNorm applied right after the embeddings
     final_softcap: float | None = None  # Gemma 2: logits become c * tanh(logits / c)
 
 
@@ -56,6 +64,7 @@ class ModelArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     layer_windows: tuple[int | None, ...]  # sliding window of each layer; None: full attention
+    rope_by_length: bool  # some rotary table depends on the sequence length: steps carry rope_lengths
 
     @classmethod
     def from_config(cls, config: Any) -> ModelArgs:
@@ -65,10 +74,8 @@ class ModelArgs:
     def common(config: Any) -> dict[str, Any]:
         """The common fields as read from a transformers config (families override what differs)."""
         num_heads = config.num_attention_heads
-        rope = getattr(config, "rope_parameters", None) or {}
-        per_layer_type = bool(rope) and all(isinstance(value, dict) for value in rope.values())  # Gemma 3
-        for parameters in rope.values() if per_layer_type else [rope]:
-            check_rope(parameters)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        check_rope(config, head_dim)
         return dict(
             model_type=config.model_type,
             num_layers=config.num_hidden_layers,
@@ -76,14 +83,24 @@ class ModelArgs:
             hidden_size=config.hidden_size,
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            max_position_embeddings=config.max_position_embeddings,
+            head_dim=head_dim,
+            max_position_embeddings=usable_positions(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             layer_windows=layer_windows(config),
+            rope_by_length=depends_on_length(config),
         )
 
     def head(self) -> HeadSpec:
         raise NotImplementedError
+
+    def recompute_at(self) -> int | None:
+        """A cache length at which generation recomputes the whole sequence as one call, or None.
+
+        transformers' Phi-3 drops its cache the first time a sequence grows past
+        ``original_max_position_embeddings`` (``prepare_inputs_for_generation``), so every cached key
+        is rotated with LongRoPE's long factors from then on; a client that must match it does the same.
+        """
+        return None
 
     def cache_positions(self, capacity: int, start: int, end: int) -> int:
         """Pool positions a session of layers ``[start, end)`` takes once it may reach ``capacity`` positions.
@@ -122,12 +139,15 @@ def layer_windows(config: Any) -> tuple[int | None, ...]:
     return tuple(int(window) if kind == "sliding_attention" and window is not None else None for kind in types)
 
 
-def check_rope(parameters: dict[str, Any] | None) -> None:
-    rope_type = (parameters or {}).get("rope_type", "default")
-    if rope_type in UNSUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"rope type {rope_type!r} is not supported yet (its frequencies change with the sequence length)"
-        )
+def check_rope(config: Any, head_dim: int) -> None:
+    """Builds every rotary table the config defines (on the CPU, a few numbers each), so a variant
+    that is unknown or lacks a field is refused by name before anything is loaded."""
+    for kind in rope_layer_types(config):
+        try:
+            Rotary(config, head_dim, kind)
+        except RopeConfigError as error:
+            where = f" (layers of type {kind})" if kind is not None else ""
+            raise UnsupportedModelError(f"{error}{where}") from error
 
 
 class RMSNorm(nn.Module):
@@ -142,57 +162,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding over the first ``rotary_dim`` of each head (all of it unless partial).
-
-    Frequencies other than the default come from transformers' own rope helpers; ``layer_type``
-    picks one of a config's per-layer-type rope settings (Gemma 3: local and global layers).
-    """
-
-    def __init__(self, config: Any, head_dim: int, layer_type: str | None = None):
-        super().__init__()
-        rope = getattr(config, "rope_parameters", None) or {}
-        if layer_type is not None:
-            rope = rope.get(layer_type) or {}
-        check_rope(rope)
-        rope_type = rope.get("rope_type", "default")
-        if rope_type == "default":
-            theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-            dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-            # On the CPU explicitly, even inside a meta-device context: a span built on the meta
-            # device would otherwise pay seconds for torch's meta kernels, for a few numbers.
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
-            scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            if rope_type not in ROPE_INIT_FUNCTIONS:
-                raise UnsupportedModelError(f"rope type {rope_type!r} is not supported")
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), layer_type=layer_type)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.scaling = float(scaling)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        freqs = positions[..., None].float() * self.inv_freq  # [N, R/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [N, R]
-        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotates the first ``R`` features of each head; the rest pass through (partial rotary)."""
-    cos, sin = rope  # [N, R]
-    rotary_dim = cos.shape[-1]
-    if rotary_dim == x.shape[-1]:  # x: [N, heads, D]
-        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((rotated * cos[:, None] + _rotate_half(rotated) * sin[:, None], passed), dim=-1)
 
 
 class Span(nn.Module):
@@ -223,9 +192,13 @@ class Span(nn.Module):
         """Rotary embeddings by kind: computed on the CPU (never stored in checkpoints), moved by ``load_span``."""
         return nn.ModuleDict({"default": Rotary(self.config, self.args.head_dim)})
 
-    def rotary_kind(self, index: int) -> str:
-        """Which of ``rotaries`` global layer ``index`` uses."""
+    def rotary_kind(self, index: int) -> str | None:
+        """Which of ``rotaries`` global layer ``index`` uses (None: the family has no rotary, ALiBi)."""
         return "default"
+
+    def _rope(self, kind: str, batch: SegmentBatch, dtype: torch.dtype) -> Rope:
+        rotary = self.rotaries[kind]
+        return rotary(batch.positions, dtype, batch.rope_lengths if rotary.by_length else None)
 
     @torch.inference_mode()
     def forward(
@@ -234,14 +207,16 @@ class Span(nn.Module):
         pad_lengths: torch.Tensor,
         cache: KVCache | None = None,
         layers: tuple[int, int] | None = None,
+        rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs ``hidden`` ([B, T, H]) through global layers ``layers`` (default: the whole span).
 
         With a cache, the new positions start at ``cache.length``, their keys and values are
         written into it, and ``cache.length`` advances by T. ``pad_lengths`` ([B]) is each
         sequence's left padding, which is masked out as keys and shifts its positions.
+        ``rope_lengths`` ([T]): see ``Segment``.
         """
-        return self.forward_segments([Segment(hidden, pad_lengths, cache)], layers)[0]
+        return self.forward_segments([Segment(hidden, pad_lengths, cache, rope_lengths)], layers)[0]
 
     @torch.inference_mode()
     def forward_segments(self, segments: list[Segment], layers: tuple[int, int] | None = None) -> list[torch.Tensor]:
@@ -261,7 +236,7 @@ class Span(nn.Module):
         batch = SegmentBatch(segments)
         hidden = batch.flatten()  # [N, H]
         kinds = {self.rotary_kind(index) for index in range(start, end)}
-        ropes = {kind: self.rotaries[kind](batch.positions, hidden.dtype) for kind in kinds}  # [N, R] each
+        ropes = {kind: None if kind is None else self._rope(kind, batch, hidden.dtype) for kind in kinds}  # [N, R]
         for index in range(start, end):
             hidden = self.layers[index - self.start](hidden, ropes[self.rotary_kind(index)], batch, index)
         batch.advance()

@@ -57,6 +57,8 @@ def run(
     block_peers: Annotated[str | None, typer.Option(
         help="File of peer ids, one per line: never store their records, route to them or accept their pushes.")]
     = None,
+    max_session_length: Annotated[int, typer.Option(
+        help="Positions per sequence a session may ask for (at most the model's max_position_embeddings).")] = 8192,
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one batched pass may compute.")] = 2048,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill chunk size (pipelining, fairness).")] = 512,
     batch_window_ms: Annotated[float, typer.Option(help="Cap (ms) on waiting for busy sessions' steps.")] = 10.0,
@@ -135,13 +137,22 @@ def run(
         relay_max_bytes_per_hour = parse_bytes(relay_max_bytes)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--relay-max-bytes") from e
-    from brigade.kernels.loading import check_supported
+    if max_session_length < 1:
+        raise typer.BadParameter(f"--max-session-length must be at least 1, got {max_session_length}")
+    from brigade.kernels.checkpoint import CheckpointError, CheckpointMismatchError
+    from brigade.kernels.loading import check_checkpoint, load_config
     from brigade.kernels.span import UnsupportedModelError
 
-    try:  # before anything starts: an unsupported family is named here, not deep in loading
-        check_supported(model, revision)
-    except UnsupportedModelError as e:
-        raise typer.BadParameter(str(e), param_hint="MODEL") from e
+    # Before anything starts: an unsupported family or option, or weights that do not match their
+    # config, are named here in one line, not deep in loading after the peer joined the swarm.
+    try:
+        from brigade.kernels.families import model_args
+
+        model_config = load_config(model, revision)
+        model_args(model_config)
+        check_checkpoint(model, model_config)
+    except (UnsupportedModelError, CheckpointError, CheckpointMismatchError, OSError, ValueError) as e:
+        raise typer.BadParameter(" ".join(str(e).split()), param_hint="MODEL") from e
     config = PeerConfig(
         model=model,
         start_layer=start,
@@ -172,6 +183,7 @@ def run(
         blocked_clients=clients.block,
         allowed_peers=peer_filter.allow,
         blocked_peers=peer_filter.block,
+        max_session_length=max_session_length,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
         batch_window_ms=batch_window_ms,

@@ -211,7 +211,8 @@ class SpanExecutor:
                     cache.truncate(item.start_position)
                 cache.grow(item.capacity)
             chunk = self.to_device(item.hidden[:, item.done : item.done + positions])
-            segments.append(Segment(chunk, item.pad_lengths, cache))
+            lengths = None if item.rope_lengths is None else item.rope_lengths[item.done : item.done + positions]
+            segments.append(Segment(chunk, item.pad_lengths, cache, lengths))
             if item.started_at is None:
                 item.started_at = time.perf_counter()
         outputs = self.span.forward_segments(segments, plan[0][0].layers)

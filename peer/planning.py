@@ -12,6 +12,7 @@ from typing import Any
 from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES
 from brigade.kernels.memory import SpanPlan, kv_bytes_per_token, layer_bytes, plan_span
+from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
 from brigade.peer.resources import available_bytes, resident_bytes
 from brigade.protocol.records import PeerRecord
@@ -20,11 +21,29 @@ from brigade.routing.span_choice import choose_span
 logger = logging.getLogger(__name__)
 
 
-def budget_and_overhead(config: PeerConfig) -> tuple[int, int]:
-    """The memory budget and what this process already holds of it (on CPU the process counts)."""
+RUNTIME_RESERVE_BYTES = 32 << 20  # gRPC buffers, thread stacks and allocator slack a serving process grows into
+
+
+def working_bytes(args: ModelArgs, config: PeerConfig) -> int:
+    """What computing one pass takes beyond weights and cache: the activations of ``max_batch_tokens``
+    positions (residual, norms, q/k/v/o, the MLP's gate, up and product) plus a runtime reserve.
+
+    Without it a peer planned to the byte of its budget goes over it once it serves (seen: 704 MiB
+    resident in a 700 MiB budget under load).
+    """
+    dtype_bytes = COMPUTE_DTYPES[config.dtype].itemsize
+    intermediate = int(getattr(args, "intermediate_size", 0) or getattr(args, "ffn_hidden_size", 0)
+                       or 4 * args.hidden_size)
+    per_position = (6 * args.hidden_size + 3 * intermediate) * dtype_bytes
+    return config.max_batch_tokens * per_position + RUNTIME_RESERVE_BYTES
+
+
+def budget_and_overhead(config: PeerConfig, args: ModelArgs) -> tuple[int, int]:
+    """The memory budget and what is spoken for before weights and cache: on CPU, what this process
+    already holds and what a pass will need to compute; on CUDA, the pass only."""
     budget = config.max_memory_bytes or available_bytes(config.device) // 2
-    overhead = 0 if config.device.startswith("cuda") else resident_bytes()
-    return budget, overhead
+    held = 0 if config.device.startswith("cuda") else resident_bytes()
+    return budget, held + working_bytes(args, config)
 
 
 def resolve_span(
@@ -36,7 +55,7 @@ def resolve_span(
     """
     args = model_args(model_config)
     dtype_bytes = COMPUTE_DTYPES[config.dtype].itemsize
-    budget, overhead = budget_and_overhead(config)
+    budget, overhead = budget_and_overhead(config, args)
     if config.start_layer is None or config.end_layer is None:
         plan = plan_span(args, budget, dtype_bytes, config.quantization, cache_share=config.cache_share,
                          overhead_bytes=overhead, max_layers=config.span_length)

@@ -30,6 +30,7 @@ class WorkItem:
     start_position: int = 0  # the cache is rolled back to this before the first chunk
     capacity: int = 0  # cache capacity to grow to before the first chunk
     chunk_tokens: int = 0  # positions per chunk (0: the whole step at once)
+    rope_lengths: torch.Tensor | None = None  # [T] call length per position (length-dependent ropes only)
     # Called on the compute thread for each computed chunk: (item, output [B, n, H] on CPU, offset, n, compute_ms).
     on_chunk: Callable[[WorkItem, torch.Tensor, int, int, float], None] | None = None
     on_error: Callable[[WorkItem, BaseException], None] | None = None

@@ -13,9 +13,11 @@ from typing import Any
 import grpc
 
 from brigade import __version__
+from brigade.kernels.checkpoint import CheckpointError, CheckpointMismatchError
 from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
 from brigade.kernels.quant import quantize_span
+from brigade.kernels.span import UnsupportedModelError
 from brigade.peer.config import PeerConfig
 from brigade.peer.connectivity import Connectivity
 from brigade.peer.executor import SpanExecutor
@@ -308,10 +310,21 @@ def _log_task_failure(task: asyncio.Task[Any]) -> None:
         logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
+class PeerStartError(RuntimeError):
+    """The peer cannot serve this checkpoint or plan: one line saying why and what to do."""
+
+
+# What start-up can meet in a volunteer's setup (a checkpoint, a config, a budget), as opposed to bugs.
+STARTUP_ERRORS = (UnsupportedModelError, CheckpointError, CheckpointMismatchError, ValueError, OSError)
+
+
 async def run_peer(config: PeerConfig) -> None:
     server = PeerServer(config)
     try:
         await server.start()
+    except STARTUP_ERRORS as error:
+        await server.close()
+        raise PeerStartError(" ".join(str(error).split())) from error
     except Exception:
         await server.close()
         raise
@@ -320,4 +333,8 @@ async def run_peer(config: PeerConfig) -> None:
 
 def main(config: PeerConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(run_peer(config))
+    try:
+        asyncio.run(run_peer(config))
+    except PeerStartError as error:
+        print(f"brigade peer: cannot serve {config.model}: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)

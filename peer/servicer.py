@@ -261,6 +261,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         self._check_hidden(hidden, session.batch_size)
         start = step.start_position
         capacity = self.sessions.prepare_step(session, start, hidden.shape[1])
+        rope_lengths = self.sessions.rope_lengths(session, step, hidden.shape[1])
         if session.outputs is not None:
             session.outputs.truncate(start)
         whole_input_digest = tensor_digest(step.hidden)
@@ -277,7 +278,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         self.executor.submit(WorkItem(
             hidden=hidden, pad_lengths=session.pad_lengths, layers=session.layers, session=session,
             start_position=start, capacity=capacity, chunk_tokens=self.config.prefill_chunk_tokens,
-            on_chunk=on_chunk, on_error=on_error,
+            rope_lengths=rope_lengths, on_chunk=on_chunk, on_error=on_error,
         ))
         done = 0
         async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):
@@ -289,12 +290,12 @@ class PeerServicer(pb_grpc.PeerServicer):
                 one_chunk = chunk.positions == hidden.shape[1]
                 input_digest = whole_input_digest if one_chunk else tensor_digest(
                     encode(hidden[:, chunk.offset : chunk.offset + chunk.positions]))
-                await self._send_chunk(session, step, hidden.dtype, chunk, input_digest)
+                await self._send_chunk(session, step, hidden.dtype, chunk, input_digest, rope_lengths)
                 done += chunk.positions
         session.last_used = time.monotonic()
 
     async def _send_chunk(self, session: Session, step: pb.Step, wire: torch.dtype, chunk: _Chunk,
-                          input_digest: bytes) -> None:
+                          input_digest: bytes, rope_lengths: torch.Tensor | None) -> None:
         assert chunk.output is not None
         position = step.start_position + chunk.offset
         output = encode(chunk.output, wire)
@@ -310,6 +311,8 @@ class PeerServicer(pb_grpc.PeerServicer):
         if session.forwarder is not None:
             forwarded = pb.Step(hidden=output, start_position=position, step_id=step.step_id,
                                 step_positions=step.step_positions or step.hidden.shape[1])
+            if rope_lengths is not None:  # a chunk is not the whole call: say which call it belongs to
+                forwarded.rope_lengths.extend(rope_lengths[chunk.offset : chunk.offset + chunk.positions].tolist())
             try:
                 await session.forwarder.send(forwarded)
                 result.forwarded = True

@@ -273,6 +273,24 @@ class SessionManager:
             f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
         )
 
+    def rope_lengths(self, session: Session, step: pb.Step, length: int) -> torch.Tensor | None:
+        """The call length of each of a step's positions [T], for a model whose rotary table depends on it.
+
+        None for every other model (nothing to compute or forward). A step without them is a whole
+        call; values outside [1, max_length] could only ask for tables no position of this session uses.
+        """
+        if not self.args.rope_by_length:
+            return None
+        if not step.rope_lengths:
+            whole = step.start_position + length - int(session.pad_lengths.min())
+            return torch.full((length,), whole, dtype=torch.long)
+        if len(step.rope_lengths) != length:
+            raise InvalidRequestError(f"rope_lengths has {len(step.rope_lengths)} values for {length} positions")
+        values = torch.tensor(list(step.rope_lengths), dtype=torch.long)
+        if int(values.min()) < 1 or int(values.max()) > session.max_length:
+            raise InvalidRequestError(f"rope_lengths must lie in [1, {session.max_length}], the session's max_length")
+        return values
+
     def _pages(self, capacity: int, start: int, end: int) -> int:
         """Pool pages per sequence for a cache that may reach ``capacity`` (a sliding window bounds it)."""
         return self.pool.pages_for(self.args.cache_positions(capacity, start, end))

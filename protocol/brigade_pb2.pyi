@@ -71,16 +71,18 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., pad_lengths: _Optional[_Iterable[int]] = ..., open_timeout_s: _Optional[float] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., next: _Optional[_Union[NextHop, _Mapping]] = ..., upstream_peer_id: _Optional[str] = ..., keep_outputs: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "start_position", "step_id", "step_positions")
+    __slots__ = ("hidden", "start_position", "step_id", "step_positions", "rope_lengths")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    ROPE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     start_position: int
     step_id: int
     step_positions: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., step_id: _Optional[int] = ..., step_positions: _Optional[int] = ...) -> None: ...
+    rope_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., step_id: _Optional[int] = ..., step_positions: _Optional[int] = ..., rope_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Attach(_message.Message):
     __slots__ = ("session_id", "token")

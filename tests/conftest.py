@@ -12,6 +12,17 @@ from brigade.peer.launcher import LocalSwarm
 
 
 @pytest.fixture(scope="session")
+def shared_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """One DHT bootstrap node for the many swarms of the parity tests (models are told apart by name,
+    as in a real swarm); each test module starts and stops its own peers on it."""
+    swarm = LocalSwarm(tmp_path_factory.mktemp("shared-bootstrap"))
+    try:
+        yield swarm.start_bootstrap()
+    finally:
+        swarm.close()
+
+
+@pytest.fixture(scope="session")
 def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("llama") / "tiny-llama", "llama")
 

@@ -27,6 +27,15 @@ def run(
     keep_logs: Annotated[bool, typer.Option(help="Keep the processes' logs after the run.")] = False,
 ) -> None:
     """Build hosts and links, start a bootstrap node, peers and a client, generate, tear it all down."""
+    try:
+        _run(model, peers, profile, prompt, new_tokens, mode, seed, emulation, keep_logs)
+    except KeyboardInterrupt:  # wherever it lands (also outside the testbed's own handling): Ctrl-C's status
+        typer.echo("interrupted: the testbed was torn down", err=True)
+        raise typer.Exit(130) from None
+
+
+def _run(model: str | None, peers: int, profile: str, prompt: str, new_tokens: int, mode: str, seed: int,
+         emulation: str, keep_logs: bool) -> None:
     from brigade.demo import split_layers
     from brigade.deploy.testbed.netns import namespaces_available
     from brigade.deploy.testbed.runner import Testbed, TestbedConfig
@@ -49,9 +58,6 @@ def run(
                 typer.echo(f"  {peer.host.role} {peer.host.address} rtt {peer.host.rtt_ms:g} ms "
                            f"serves {peer.info.get('layers')}")
             result = testbed.generate(prompt=prompt, new_tokens=new_tokens, mode=mode)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: the testbed was torn down", err=True)
-        raise typer.Exit(130) from None
     finally:
         if testbed.log_dir and not keep_logs:
             shutil.rmtree(testbed.log_dir, ignore_errors=True)

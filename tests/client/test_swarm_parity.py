@@ -1,6 +1,6 @@
 """Generation through a real swarm matches transformers, for every supported family.
 
-One bootstrap DHT node serves the whole module; each family gets four peer processes on
+One bootstrap DHT node serves the whole suite (``shared_bootstrap``); each family gets four peer processes on
 loopback, splitting its 6 layers at 2, 3 and 4 (for Gemma 2 and 3 both sliding-to-global and
 global-to-sliding cuts; Gemma 3's 2:3 and 3:4 are all-sliding spans with bounded caches). The
 prompts (24, 20 and 8 tokens) are longer than the windowed models' window (8) and the first two
@@ -25,32 +25,22 @@ NEW_TOKENS = 32
 SPANS = [(0, 2), (2, 3), (3, 4), (4, 6)]  # three cuts
 
 
-@pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """One DHT bootstrap node for every family's peers (models are told apart by name, as in a real swarm)."""
-    swarm = LocalSwarm(tmp_path_factory.mktemp("bootstrap"), peer_threads=PEER_THREADS)
-    try:
-        yield swarm.start_bootstrap()
-    finally:
-        swarm.close()
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_setup(
-    request: pytest.FixtureRequest, bootstrap: list[str], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, shared_bootstrap: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple]:
     family = request.param
     folder = tmp_path_factory.mktemp(family)
     checkpoint = build_checkpoint(folder / f"tiny-{family}", family, seed=7)
     reference = build_model(family, seed=7)
     swarm = LocalSwarm(folder / "swarm", peer_threads=PEER_THREADS)
-    swarm.initial_peers = bootstrap  # peers join the shared node; closing this swarm stops only them
+    swarm.initial_peers = shared_bootstrap  # peers join the shared node; closing this swarm stops only them
     try:
         for span in SPANS:
             swarm.add_peer(str(checkpoint), span, extra_args=FAST_PEER_ARGS, wait=False)
         for peer in swarm.peers:
             swarm.wait_ready(peer)
-        model = DistributedModelForCausalLM.from_pretrained(str(checkpoint), bootstrap)
+        model = DistributedModelForCausalLM.from_pretrained(str(checkpoint), shared_bootstrap)
         try:
             yield family, reference, model
         finally:

@@ -88,12 +88,16 @@ def test_a_failed_start_removes_everything(tmp_path: Path) -> None:
     assert not [p for p in testbed.processes if p.alive()]
 
 
-def _start_cli(checkpoint: Path) -> tuple[subprocess.Popen[bytes], str, list[int]]:
-    """Starts the testbed CLI and waits until its peers run; returns it, its run id and the pids inside."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "brigade.deploy.testbed", "run", str(checkpoint), "--peers", "2", "--profile", "lan"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+def _start_cli(checkpoint: Path, output: Path | None = None) -> tuple[subprocess.Popen[bytes], str, list[int]]:
+    """Starts the testbed CLI and waits until its peers run; returns it, its run id and the pids inside.
+
+    ``output``: where its stdout and stderr go (a failing test shows them).
+    """
+    with open(output or os.devnull, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "brigade.deploy.testbed", "run", str(checkpoint), "--peers", "2", "--profile",
+             "lan"], stdout=sink, stderr=subprocess.STDOUT,
+        )
     prefix = f"{PREFIX}{process.pid}-"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -109,10 +113,11 @@ def _start_cli(checkpoint: Path) -> tuple[subprocess.Popen[bytes], str, list[int
     pytest.fail("the testbed CLI did not start its peers within 60 s")
 
 
-def test_ctrl_c_tears_everything_down(checkpoint: Path) -> None:
-    process, run_id, inside = _start_cli(checkpoint)
+def test_ctrl_c_tears_everything_down(checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "testbed.out"
+    process, run_id, inside = _start_cli(checkpoint, output)
     process.send_signal(signal.SIGINT)
-    assert process.wait(30) == 130
+    assert process.wait(60) == 130, output.read_text(errors="replace")[-4000:]
     assert not _run_namespaces(run_id)
     assert not [pid for pid in inside if _alive(pid)]
 

@@ -15,7 +15,7 @@ import pytest
 import safetensors
 import torch
 from brigade_testkit import FAMILIES, WINDOW, WINDOWED_FAMILIES, build_checkpoint, build_model
-from transformers import FalconConfig, FalconForCausalLM, Gemma3Config, Gemma3TextConfig, GPT2Config, Phi3Config
+from transformers import FalconConfig, FalconForCausalLM, Gemma3Config, Gemma3TextConfig, GPT2Config, LlamaConfig
 
 from brigade.kernels.batch import Segment
 from brigade.kernels.cache import KVCache, ring_size
@@ -190,19 +190,29 @@ def test_falcon_layouts_match_transformers(options: dict, tmp_path: Path) -> Non
         torch.testing.assert_close(got[row, pad:], expected[row, pad:], **TOLERANCE)
 
 
+def _with_rope(parameters: dict) -> LlamaConfig:
+    """A Llama config whose rope settings skip transformers' own validation (as an edited config.json can)."""
+    config = LlamaConfig()
+    config.rope_parameters = parameters
+    return config
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        (GPT2Config(), r"'gpt2' is not supported; supported: falcon, gemma2, gemma3_text, llama, mistral, mixtral"),
+        (GPT2Config(), r"'gpt2' is not supported; supported: bloom, falcon, gemma2, gemma3_text, llama, mistral, "
+                       "mixtral"),
         (Gemma3Config(), r"'gemma3' \(a multimodal config; its text model is 'gemma3_text'\) is not supported"),
         (FalconConfig(alibi=True), "ALiBi"),
-        (Phi3Config(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 48,
-                                     "long_factor": [1.0] * 48, "original_max_position_embeddings": 4096}),
-         "rope type 'longrope' is not supported"),
+        (_with_rope({"rope_type": "proportional", "rope_theta": 1e4}),
+         "rope type 'proportional' is not supported; supported: default, linear, yarn, llama3, dynamic, longrope"),
+        (_with_rope({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}),
+         "rope type 'llama3' needs the field 'low_freq_factor'"),
         (Gemma3TextConfig(use_bidirectional_attention=True), "bidirectional"),
         (FalconConfig(activation="relu"), "activation 'relu'"),
     ],
-    ids=["unknown-type", "multimodal", "alibi", "longrope", "bidirectional", "activation"],
+    ids=["unknown-type", "multimodal", "alibi", "unknown-rope", "rope-field-missing", "bidirectional", "activation"],
 )
 def test_what_cannot_be_served_is_refused_by_name(config: object, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):

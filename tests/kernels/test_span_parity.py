@@ -36,7 +36,7 @@ def test_spans_match_full_model_with_padding_and_cache(family: str, tmp_path: Pa
     for row, pad in enumerate(pads.tolist()):
         torch.testing.assert_close(logits[row, pad:], expected[row, pad:], atol=ATOL, rtol=1e-4)
 
-    caches = [KVCache.allocate(s.start, s.end, 3, 2, 16, 12, torch.float32) for s in spans]
+    caches = [s.args.new_cache(s.start, s.end, 3, 12, torch.float32, "cpu") for s in spans]
     pieces = []
     for begin, end in [(0, 10), (10, 11), (11, 12)]:
         hidden = head.embed(ids[:, begin:end])
@@ -71,7 +71,7 @@ def test_unsupported_family_is_named(tmp_path: Path) -> None:
     from brigade.kernels.families import SUPPORTED_MODEL_TYPES, model_args
     from brigade.kernels.span import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match=r"gpt2.*supported: falcon, gemma2, .*llama, mistral") as error:
+    with pytest.raises(UnsupportedModelError, match=r"gpt2.*supported: bloom, falcon, gemma2, .*llama") as error:
         model_args(GPT2Config())
     assert all(model_type in str(error.value) for model_type in SUPPORTED_MODEL_TYPES)
 
