@@ -9,13 +9,15 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_FLAGS ?= -q
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test lint bench clean browser debian
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(PY) -m pip install $(PIP_FLAGS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
+	# The editable install's one notice (a folder named like the package: brigade maps to this folder by
+	# design) is a UserWarning of setuptools; nothing else of the build is silenced.
+	PYTHONWARNINGS="ignore::UserWarning" $(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,14 +25,19 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/brigade demo
 
-# Browser tests drive Debian's chromium; install it where we may (root with apt-get), else they skip.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
-	  echo "chromium could not be installed: browser tests will skip"
+# Debian packages some tests need: chromium (browser tests) and nftables (the NAT testbed). Installed
+# where we may (root with apt-get); without them those tests skip and say why.
+DEBIAN_PACKAGES := chromium:chromium nft:nftables
+debian:
+	@for entry in $(DEBIAN_PACKAGES); do tool=$${entry%%:*}; package=$${entry##*:}; \
+	  command -v $$tool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q $$package >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$package >/dev/null 2>&1; }; }; } || \
+	  echo "$$package could not be installed: the tests that need it will skip"; done
 
-test: setup browser
+browser: debian
+
+test: setup debian
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

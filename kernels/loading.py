@@ -32,6 +32,8 @@ def load_config(model: str, revision: str | None = None) -> Any:
     folder = resolve_config_folder(model, revision)
     try:
         return AutoConfig.from_pretrained(folder)
+    except KeyError as e:  # transformers' own validation of the config (a rope variant lacking a field, say)
+        raise UnsupportedModelError(f"config.json of {model} is incomplete: {e.args[0] if e.args else e}") from e
     except ValueError as e:
         if "model type" not in str(e):
             raise

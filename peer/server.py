@@ -35,7 +35,7 @@ from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, model_name_for
 from brigade.protocol.tls import TlsIdentity
 from brigade.routing.announce import Announcer
-from brigade.routing.dht import start_dht
+from brigade.routing.dht import DhtStartError, start_dht
 from brigade.routing.peer_filter import PeerFilter
 from brigade.routing.swarm import fetch_records
 
@@ -315,7 +315,7 @@ class PeerStartError(RuntimeError):
 
 
 # What start-up can meet in a volunteer's setup (a checkpoint, a config, a budget), as opposed to bugs.
-STARTUP_ERRORS = (UnsupportedModelError, CheckpointError, CheckpointMismatchError, ValueError, OSError)
+STARTUP_ERRORS = (UnsupportedModelError, CheckpointError, CheckpointMismatchError, DhtStartError, ValueError, OSError)
 
 
 async def run_peer(config: PeerConfig) -> None:

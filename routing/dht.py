@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 
 
+
+class DhtStartError(RuntimeError):
+    """The DHT node could not start or join: initial peers unreachable, a bad multiaddr, a port in use."""
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
@@ -78,7 +82,7 @@ def start_dht(
             if attempt + 1 < attempts and deadline - time.monotonic() > 1.0:
                 logger.warning("the DHT node did not start within %.0f s; starting a new one", wait_s)
                 continue
-            raise RuntimeError(
+            raise DhtStartError(
                 f"the DHT node did not start within {startup_timeout_s:.0f} s; check that the initial peers "
                 f"{list(initial_peers)} are reachable from this machine"
             ) from e
@@ -88,7 +92,7 @@ def start_dht(
                 hint = f"check that the initial peers {list(initial_peers)} are running and reachable"
             else:
                 hint = f"check the listen addresses {list(listen_maddrs)}"
-            raise RuntimeError(f"could not start the DHT node ({e}); {hint}") from e
+            raise DhtStartError(f"could not start the DHT node ({e}); {hint}") from e
     logger.info("DHT node started (client_mode=%s), visible at %s", client_mode, visible_maddrs(dht))
     return dht
 
