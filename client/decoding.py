@@ -25,6 +25,8 @@ class StepInput:
 
     hidden: torch.Tensor  # [B, T, H]
     start: int | None = None  # first position; None: the session's length. Lower: the peers roll back to it
+    # Length-dependent ropes only: each position's call length (None: the step is one call, as plain decoding's are).
+    rope_lengths: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,25 @@ def recomputes(head: Any, past: int, total: int) -> bool:
     sequence from position 0 (``ModelArgs.recompute_at``: Phi-3 crossing its original length)."""
     at = head.args.recompute_at()
     return at is not None and past <= at < total
+
+
+def plain_rope_lengths(head: Any, prompt: int, min_pad: int, start: int, end: int) -> list[int]:
+    """The call length plain decoding gives each of positions [start, end) of a sequence grown to ``end``.
+
+    The prompt is one call (``prompt``), each later position one of its own (``p + 1``); a Phi-3
+    sequence that has passed ``recompute_at`` was recomputed as one call of ``at + 1`` up to there.
+    Speculative rounds send these, so their tokens are plain decoding's, not those of a model whose
+    table followed each round's length. Lengths count from the least padding, as positions do.
+    """
+    at = head.args.recompute_at()
+    recomputed = at is not None and prompt <= at < end
+
+    def length(position: int) -> int:
+        if recomputed and position <= at:
+            return at + 1
+        return prompt if position < prompt else position + 1
+
+    return [length(position) - min_pad for position in range(start, end)]
 
 
 class StepDecoder:

@@ -393,7 +393,7 @@ def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
 async def _timed_step(session: InferenceSession, step: StepInput) -> tuple[torch.Tensor, StepReport]:
     """One session step and what speculation measures of it (its time, the lengths the peers report)."""
     began = time.perf_counter()
-    out = await session.step(step.hidden, step.start)
+    out = await session.step(step.hidden, step.start, step.rope_lengths)
     report = StepReport(time.perf_counter() - began, session.position,
                         tuple(stream.reported_length for stream in session.hops))
     return out, report

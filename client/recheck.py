@@ -22,7 +22,7 @@ from brigade.client.checking import choose_checker, disagreement, precision_of, 
 from brigade.client.evidence import Link, badly_signed, first_mismatch
 from brigade.client.hops import HopFailure, HopStream
 from brigade.protocol import brigade_pb2 as pb
-from brigade.protocol.attestation import check_attestation, tensor_digest
+from brigade.protocol.attestation import check_attestation, rope_digest, tensor_digest
 from brigade.protocol.errors import BrigadeError
 from brigade.protocol.records import PeerRecord
 from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
@@ -105,6 +105,9 @@ class Window:
     end: int
     rollback_seq: int  # rollbacks counted when it finished: a later one below ``end`` supersedes it
     hops: list[HopSnapshot]
+    # The call length of each position [0, end) when it finished (length-dependent ropes; [] otherwise): a
+    # re-run sends these, not the session's live ones, which a later rollback or recompute rewrites.
+    rope_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -294,6 +297,8 @@ class HopCheck:
             return value
 
         checked = await self._rerun_somewhere([suspect], inputs)
+        if self._superseded(self.window):  # the session rolled back into the window while it re-ran
+            raise _Skip("superseded", "the session rolled back into the window since")
         result.checker = f"{checked.peer.peer_id}({precision_of(checked.peer)})"
         self.stats.compared += 1
         if await score(suspect, outputs, checked.peer, checked.outputs, "suspect/checker") <= 1.0:
@@ -308,6 +313,8 @@ class HopCheck:
         except _Skip as skip:
             self._unresolved(f"no third peer to settle it: {skip}")
             return
+        if self._superseded(self.window):
+            raise _Skip("superseded", "the session rolled back into the window since")
         third = decided.peer
         result.third = f"{third.peer_id}({precision_of(third)})"
         suspect_vs_third = await score(suspect, outputs, third, decided.outputs, "suspect/third")
@@ -359,7 +366,7 @@ class HopCheck:
             hidden = await asyncio.to_thread(encode, inputs, self._wire)
             await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=pb.Step(
                 hidden=hidden, start_position=0, step_id=1, step_positions=length,
-                rope_lengths=session.rope_lengths_for(0, length))))
+                rope_lengths=self.window.rope_lengths[:length])))
             pieces: list[torch.Tensor] = []
             links: list[Link] = []
             public_key = bytes.fromhex(record.public_key)
@@ -372,8 +379,9 @@ class HopCheck:
                 if answer.start_position != covered or answer.positions <= 0 or covered + answer.positions > length:
                     raise _BadWitness(f"answered positions {answer.start_position}+{answer.positions}")
                 att = answer.attestation
+                rope = rope_digest(self.window.rope_lengths[covered : covered + answer.positions])
                 if (att.session_id != stream.session_id or (att.start_layer, att.end_layer) != layers
-                        or att.start_position != covered
+                        or att.start_position != covered or att.rope_sha256 != rope
                         or not await asyncio.to_thread(_witnessed, att, answer.hidden, public_key)):
                     raise _BadWitness("its attestation does not match what it returned")
                 output = await asyncio.to_thread(decode, answer.hidden)

@@ -32,6 +32,7 @@ from brigade.client.bans import PeerBans
 from brigade.client.hops import HopFailure, HopStream, new_session_id
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.attestation import rope_digest
 from brigade.protocol.errors import BrigadeError, InvalidTensorError, MissingLayersError
 from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
 from brigade.routing.route import Hop
@@ -125,11 +126,13 @@ class InferenceSession:
         self.hops = await self._build_with_retries(0, self.swarm.num_layers, None, budget)
 
     # -- the step loop -----------------------------------------------------------------------------
-    async def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, start_position: int | None = None,
+                   rope_lengths: list[int] | None = None) -> torch.Tensor:
         """Runs [B, T, H] new positions through the route; returns the last hop's [B, T, H].
 
         ``start_position`` below the current length first rolls every hop back to it (speculative
-        decoding drops rejected positions this way).
+        decoding drops rejected positions this way). ``rope_lengths`` (length-dependent ropes only):
+        each new position's call length; by default the step is one call.
         """
         start = self.position if start_position is None else start_position
         length = hidden.shape[1]
@@ -142,8 +145,11 @@ class InferenceSession:
         broken: _ForwardBroken | None = None
         began = time.monotonic()
         if self.swarm.rope_by_length:  # transformers' max(position_ids) + 1 of this call
-            call_length = start + length - min(self.pad_lengths)
-            self.rope_lengths[start:] = [call_length] * length
+            if rope_lengths is None:
+                rope_lengths = [start + length - min(self.pad_lengths)] * length
+            if len(rope_lengths) != length:
+                raise ValueError(f"{len(rope_lengths)} rope lengths for a step of {length} positions")
+            self.rope_lengths[start:] = rope_lengths
         while True:
             # Recovery work may itself meet a dead peer (a relink to a neighbour that died too): that
             # failure is handled on the next round like any other, so the loop is the only recovery path.
@@ -227,6 +233,7 @@ class InferenceSession:
                     if result.positions <= 0 or position != start + covered or covered + result.positions > length:
                         raise HopFailure(stream.hop, f"answered positions {position}+{result.positions}, "
                                                      f"expected {start + covered} of a {length}-position step")
+                    self._check_rope(first + offset, result, pushed=offset > 0)
                     stream.keep_attestation(result.attestation)
                     stream.reported_length = result.length
                     stream.leaving = stream.leaving or result.peer_leaving
@@ -280,6 +287,22 @@ class InferenceSession:
             if response.result.step_id != step_id:
                 continue  # an answer to an abandoned attempt
             return response.result
+
+    def _check_rope(self, index: int, result: pb.StepResult, pushed: bool) -> None:
+        """A length-dependent rope's result must have been computed with this client's call lengths.
+
+        Its attestation names the lengths used. Wrong ones on a hop the client fed itself are that
+        peer's fault; on a hop fed by the previous one, either may have lied: the pair is unlinked
+        (the client carries it from then on, sending the lengths itself) and nobody is accused.
+        """
+        if not self.swarm.rope_by_length:
+            return
+        position = result.start_position
+        if result.attestation.rope_sha256 == rope_digest(self.rope_lengths[position : position + result.positions]):
+            return
+        if pushed:
+            raise _ForwardBroken(index - 1, "the next hop computed with other rope lengths than this client's")
+        raise HopFailure(self.hops[index].hop, "computed with other rope lengths than it was sent")
 
     def _timeout(self, stream: HopStream, decode_sized: bool) -> float:
         if decode_sized and stream.step_ema_s is not None:
@@ -501,6 +524,9 @@ class InferenceSession:
             output = decode(result.hidden)
             if tuple(output.shape) != (self.batch_size, result.positions, replay.shape[2]):
                 raise HopFailure(stream.hop, f"replay answered shape {list(output.shape)}")
+            if self.swarm.rope_by_length and result.attestation.rope_sha256 != rope_digest(
+                    self.rope_lengths[result.start_position : result.start_position + result.positions]):
+                raise HopFailure(stream.hop, "replayed with other rope lengths than it was sent")
             stream.keep_attestation(result.attestation)
             pieces.append(output)
             covered += result.positions

@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from brigade.client.decoding import Finisher, GenerationOptions, StepInput, StepReport, recomputes
+from brigade.client.decoding import (
+    Finisher,
+    GenerationOptions,
+    StepInput,
+    StepReport,
+    plain_rope_lengths,
+    recomputes,
+)
 from brigade.client.sampling import TokenChooser
 
 logger = logging.getLogger(__name__)
@@ -409,7 +416,7 @@ class SpeculativeDecoder:
     """The ``Decoder`` of speculative generation: each step is a round of drafts checked by the swarm."""
 
     def __init__(self, head: Any, choose: TokenChooser, input_ids: torch.Tensor, options: GenerationOptions,
-                 draft: DraftRunner, length: AdaptiveK, stats: SpeculationStats):
+                 draft: DraftRunner, length: AdaptiveK, stats: SpeculationStats, pad_lengths: list[int] | None = None):
         self.head = head
         self.choose = choose
         self.sequences = input_ids
@@ -421,6 +428,8 @@ class SpeculativeDecoder:
         self.stats = stats
         self.emitted = 0
         self.settled = 0  # positions the hops hold with settled inputs: the next step starts here
+        self.prompt_length = input_ids.shape[1]
+        self.min_pad = min(pad_lengths) if pad_lengths else 0
         self.sent = 0  # positions sent in all, kept within POSITION_BUDGET
         self._round: _Round | None = None
 
@@ -435,7 +444,13 @@ class SpeculativeDecoder:
     def _plan(self) -> StepInput:
         remaining = self.max_new_tokens - self.emitted
         budget = POSITION_BUDGET * self.max_length - self.sent - remaining
-        k = self.length.choose(min(remaining - 1, budget, self.draft.room(self.sequences.shape[1])))
+        limit = min(remaining - 1, budget, self.draft.room(self.sequences.shape[1]))
+        at = self.head.args.recompute_at()
+        if at is not None and self.sequences.shape[1] <= at:
+            # Plain decoding predicts the tokens up to position ``at`` before it recomputes: no round
+            # may check a draft past it, or that draft would be judged by the recomputed call.
+            limit = min(limit, at - self.sequences.shape[1])
+        k = self.length.choose(limit)
         began = time.perf_counter()
         if k > 0:
             drafts, probs = self.draft.propose(self.sequences, k, self.choose, self.finisher)
@@ -448,7 +463,10 @@ class SpeculativeDecoder:
         tokens = torch.cat([self.sequences[:, start:], drafts], dim=1)
         self._round = _Round(k, drafts, probs, start, tokens.shape[1], draft_s)
         self.sent += tokens.shape[1]
-        return StepInput(self.head.embed(tokens), start)
+        end = start + tokens.shape[1]
+        lengths = (plain_rope_lengths(self.head, self.prompt_length, self.min_pad, start, end)
+                   if self.head.args.rope_by_length else None)
+        return StepInput(self.head.embed(tokens), start, lengths)
 
     def accept(self, out: torch.Tensor, report: StepReport) -> list[torch.Tensor]:
         step, self._round = self._round, None
@@ -489,5 +507,6 @@ def speculative_decoder(head: Any, choose: TokenChooser, input_ids: torch.Tensor
         raise ValueError(f"draft_tokens must be in [1, {K_MAX}] (or None to adapt), got {draft_tokens}")
     stats = SpeculationStats()
     runner = DraftRunner(draft, pad_lengths, head.args.vocab_size)
-    decoder = SpeculativeDecoder(head, choose, input_ids, options, runner, AdaptiveK(fixed=draft_tokens), stats)
+    decoder = SpeculativeDecoder(head, choose, input_ids, options, runner, AdaptiveK(fixed=draft_tokens), stats,
+                                 pad_lengths)
     return decoder, stats

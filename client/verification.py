@@ -121,7 +121,7 @@ class ResultVerifier:
             self.stats.skip("busy")
             return
         hops = [self._snapshot(index, end) for index in range(len(session.hops))]
-        self._queue.put_nowait(Window(window_start, end, self._rollback_seq, hops))
+        self._queue.put_nowait(Window(window_start, end, self._rollback_seq, hops, session.rope_lengths_for(0, end)))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name="result-checks")
             self._worker.add_done_callback(_log_crash)

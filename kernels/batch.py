@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from brigade.kernels.cache import KVCache, attention_mask, positions_for
 
+ALIBI_BIAS_ELEMENTS = 1 << 22  # most bias values one block of ALiBi queries builds (16 MiB in fp32)
+
 
 @dataclass
 class Segment:
@@ -58,7 +60,6 @@ class SegmentBatch:
         self.positions = positions[0] if len(positions) == 1 else torch.cat(positions)  # [N]
         self._masks: dict[tuple[int, int | None, int | None], torch.Tensor | None] = {}
         self._rope_lengths: torch.Tensor | None = None
-        self._alibi: dict[tuple[int, str, int], torch.Tensor] = {}
 
     @property
     def rope_lengths(self) -> torch.Tensor:
@@ -95,23 +96,26 @@ class SegmentBatch:
                                               window=window, key_slots=key_slots)
         return self._masks[key]
 
-    def _alibi_bias(self, index: int, mask: torch.Tensor | None, slopes: torch.Tensor, keys: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-        """The additive ALiBi bias of segment ``index`` [B, heads, T, S], masked keys at -inf (once per pass).
+    def _alibi_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None, slopes: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Attention with ALiBi: each score gains ``slope[head] * key position`` (BLOOM).
 
         A key's position is its slot past the row's padding, as transformers' ``build_alibi_tensor``
-        counts it from the attention mask; only full-attention layers (keys in slot order) use it.
+        counts it from the attention mask (keys are in slot order: ALiBi layers have no window).
+        The bias is per head and per key, so it is built for a block of queries at a time, never
+        more than ``ALIBI_BIAS_ELEMENTS`` values, however long the prefill and the session.
         """
-        key = (index, "alibi", keys)
-        if key not in self._alibi:
-            seg = self.segments[index]
-            key_positions = (torch.arange(keys, device=seg.pad_lengths.device)[None, :]
-                             - seg.pad_lengths[:, None]).clamp_min(0)  # [B, S]
-            bias = (slopes.float()[None, :, None, None] * key_positions[:, None, None, :].float()).to(dtype)
-            if mask is not None:
-                bias = bias.masked_fill(~mask, float("-inf"))  # [B, heads, T, S]
-            self._alibi[key] = bias
-        return self._alibi[key]
+        seg = self.segments[index]
+        batch, heads, length, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        key_positions = (torch.arange(keys, device=q.device)[None, :] - seg.pad_lengths[:, None]).clamp_min(0)
+        bias = (slopes.float()[None, :, None, None] * key_positions[:, None, None, :].float()).to(q.dtype)  # [B,h,1,S]
+        rows = max(1, ALIBI_BIAS_ELEMENTS // max(1, batch * heads * keys))
+        outputs = []
+        for begin in range(0, length, rows):
+            end = min(length, begin + rows)
+            block = bias if mask is None else bias.masked_fill(~mask[:, :, begin:end], float("-inf"))
+            outputs.append(F.scaled_dot_product_attention(q[:, :, begin:end], k, v, attn_mask=block, scale=scale))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # [B, heads, T, D]
 
     def attend(
         self,
@@ -147,8 +151,8 @@ class SegmentBatch:
                 k_s, v_s, key_slots = seg.cache.update(layer, offset, k_s, v_s)  # [B, kv, S, D]
             mask = self._mask(index, window, key_slots)
             if alibi is not None:
-                mask = self._alibi_bias(index, mask, alibi, k_s.shape[2], q_s.dtype)
-            if softcap is None:
+                out = self._alibi_attention(index, q_s, k_s, v_s, mask, alibi, scale)
+            elif softcap is None:
                 out = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, scale=scale,
                                                      enable_gqa=kv_heads != heads)  # [B, heads, T, D]
             else:

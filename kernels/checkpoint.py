@@ -63,12 +63,16 @@ class Checkpoint:
         return sorted(name for name in self.weight_map if keep(name))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape, from the files' headers only (nothing is read into memory)."""
+        """The shape of every tensor in a file that is here, from the headers only (nothing is read).
+
+        A peer may hold only the shards of its own layers (the rest of the index names files it
+        never fetched): their tensors are simply not in the answer.
+        """
         shapes: dict[str, tuple[int, ...]] = {}
         for file_name in sorted(set(self.weight_map.values())):
             path = self.folder / file_name
             if not path.exists():
-                raise CheckpointError(f"{path} is named by the checkpoint's index but missing")
+                continue
             with safe_open(path, framework="pt") as file:
                 for name in file.keys():
                     shapes[name] = tuple(file.get_slice(name).get_shape())
@@ -111,8 +115,17 @@ def resolve(model: str, keep: Callable[[str], bool], revision: str | None = None
 def resolve_config_folder(model: str, revision: str | None = None) -> str:
     """A folder (local or a Hub snapshot of the small files) holding config and tokenizer."""
     if Path(model).is_dir():
+        if not (Path(model) / "config.json").exists():
+            raise CheckpointError(f"{model} has no config.json: is it the checkpoint's own folder?")
         return model
+    if _looks_like_a_path(model):
+        raise CheckpointError(f"no folder {model}: give a checkpoint folder or a Hugging Face repo id (org/name)")
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.model"]
     return snapshot_download(model, revision=revision, allow_patterns=patterns)
+
+
+def _looks_like_a_path(model: str) -> bool:
+    """A name a user meant as a local path (which is not there), not a Hub repo id such as ``org/name``."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model

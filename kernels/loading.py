@@ -49,8 +49,12 @@ def check_supported(model: str, revision: str | None = None) -> ModelArgs:
     return model_args(load_config(model, revision))
 
 
-def _compare(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], model: str) -> None:
-    """Raises ``CheckpointMismatchError`` naming the first tensor the module and the checkpoint disagree on."""
+def _compare(module: torch.nn.Module, shapes: dict[str, tuple[int, ...] | None], model: str) -> None:
+    """Raises ``CheckpointMismatchError`` naming the first tensor the module and the checkpoint disagree on.
+
+    ``shapes`` maps each tensor the checkpoint names to its shape, or None where it is not at hand
+    (a shard this peer did not fetch): its name is still checked, its shape when it is loaded.
+    """
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     hint = "the weights and config.json disagree: re-download the checkpoint, or fix its config.json"
@@ -62,9 +66,9 @@ def _compare(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], model:
                                       f"account for (first: {unexpected[0]!r}), an option brigade does not model; "
                                       f"{hint}")
     for key, shape in expected.items():
-        if shapes[key] != shape:
-            raise CheckpointMismatchError(f"{model}: tensor {key!r} has shape {list(shapes[key])} but the config "
-                                          f"implies {list(shape)}; {hint}")
+        if shapes[key] is not None and shapes[key] != shape:
+            raise CheckpointMismatchError(f"{model}: tensor {key!r} has shape {list(shapes[key] or ())} but the "
+                                          f"config implies {list(shape)}; {hint}")
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
@@ -77,14 +81,16 @@ def check_checkpoint(model: str, config: Any) -> None:
     """Checks every tensor a peer or client could load against the config, from the files' headers only.
 
     For a local folder, before anything starts: a peer refuses a checkpoint that would fail to load
-    (or load wrongly) with one line naming the tensor. A Hub repository is checked as its shards
+    (or load wrongly) with one line naming the tensor. Names come from the index, shapes from the
+    shards that are here (a peer may keep only its own). A Hub repository is checked as its shards
     arrive, by the loaders themselves.
     """
     if not Path(model).is_dir():
         return
     family = family_for(config)
     checkpoint = Checkpoint.open(model)
-    shapes = checkpoint.shapes()
+    present = checkpoint.shapes()
+    shapes: dict[str, tuple[int, ...] | None] = {name: present.get(name) for name in checkpoint.weight_map}
     num_layers = model_args(config).num_layers
     with torch.device("meta"):
         span = family.span_class(config, 0, num_layers)

@@ -171,6 +171,10 @@ def format_bytes(count: int) -> str:
     return f"{value:.1f} TiB"
 
 
+
+class PlanError(ValueError):
+    """The budget cannot hold what was asked (a layer, a span with its cache): raise it or host less."""
+
 @dataclass(frozen=True)
 class SpanPlan:
     """How a peer splits its memory budget between layer weights and KV cache."""
@@ -223,7 +227,7 @@ def plan_span(
     limit = args.num_layers if max_layers is None else min(max_layers, args.num_layers)
     num_layers = min(weight_room // per_layer, limit)
     if num_layers < 1:
-        raise ValueError(
+        raise PlanError(
             f"not even one layer fits: a layer takes {format_bytes(per_layer)} at {dtype_bytes} bytes per "
             f"element with quantization {quantization!r}, but only {format_bytes(max(weight_room, 0))} of the "
             f"{format_bytes(budget_bytes)} budget is left for weights (overhead {format_bytes(overhead_bytes)}, "

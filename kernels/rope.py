@@ -23,7 +23,6 @@ helpers with the same argument types, so the frequencies are bit-identical to th
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -32,7 +31,6 @@ from torch import nn
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 LENGTH_ROPE_TYPES = ("dynamic", "longrope")  # their table depends on the length of the sequence
 ROPE_TYPES = STATIC_ROPE_TYPES + LENGTH_ROPE_TYPES
-DYNAMIC_TABLES_KEPT = 64  # dynamic NTK tables cached per rotary (one per distinct sequence length in use)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [N, rotary_dim] each
 
@@ -92,7 +90,6 @@ class Rotary(nn.Module):
             raise RopeConfigError(f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         self.config, self.layer_type = config, layer_type
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
-        self._dynamic: OrderedDict[int, torch.Tensor] = OrderedDict()
         with torch.device("cpu"):  # even inside the meta-device context a span is built in
             try:
                 inv_freq, scaling = self._table(rope, head_dim, None)
@@ -126,26 +123,25 @@ class Rotary(nn.Module):
     def by_length(self) -> bool:
         return self.rope_type in LENGTH_ROPE_TYPES
 
-    def _dynamic_table(self, length: int) -> torch.Tensor:
-        """transformers' dynamic NTK table for a forward over ``length`` positions (original up to max)."""
-        if length <= self.max_positions:
-            return self.inv_freq
-        table = self._dynamic.get(length)
-        if table is None:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    def _dynamic_tables(self, lengths: torch.Tensor) -> torch.Tensor:
+        """transformers' dynamic NTK tables [U, R/2] for forward calls of ``lengths`` [U] positions.
 
-            kwargs: dict[str, Any] = {"layer_type": self.layer_type} if self.layer_type is not None else {}
-            # A tensor length, as transformers' forward passes it: the same float32 arithmetic, the same bits.
-            with torch.device("cpu"):
-                table, _ = ROPE_INIT_FUNCTIONS["dynamic"](self.config, torch.device("cpu"),
-                                                          seq_len=torch.tensor(length), **kwargs)
-            table = table.float().to(self.inv_freq.device)
-            self._dynamic[length] = table
-            while len(self._dynamic) > DYNAMIC_TABLES_KEPT:
-                self._dynamic.popitem(last=False)
-        else:
-            self._dynamic.move_to_end(length)
-        return table
+        The same float32 operations as ``_compute_dynamic_ntk_parameters`` on a tensor length, done
+        for every length at once: bit-identical tables, and one vectorised op however many distinct
+        lengths a pass brings (a per-length call would let one client's lengths stall the pass).
+        """
+        rope = rope_parameters_of(self.config, self.layer_type)
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        factor = rope["factor"]
+        lengths = torch.maximum(lengths.cpu(), torch.tensor(self.max_positions, dtype=lengths.dtype))
+        ratio = (factor * lengths / self.max_positions) - (factor - 1)  # [U] float32
+        # On a 0-dim tensor (transformers' case) torch computes this power in double: so do we, per element.
+        base = rope["rope_theta"] * (ratio.double() ** (dim / (dim - 2))).float()
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+        tables = 1.0 / torch.pow(base[:, None], exponents[None, :])  # [U, R/2]
+        original = lengths <= self.max_positions  # up to max_position_embeddings: the original table
+        return torch.where(original[:, None], self.inv_freq.cpu(), tables).to(self.inv_freq.device)
 
     def _tables(self, rope_lengths: torch.Tensor) -> torch.Tensor:
         """Inverse frequencies per position [N, R/2] from each position's call length [N]."""
@@ -153,8 +149,7 @@ class Rotary(nn.Module):
             long = (rope_lengths > self.switch_length)[:, None].to(self.inv_freq.device)
             return torch.where(long, self.long_inv_freq, self.inv_freq)
         lengths, where = torch.unique(rope_lengths, return_inverse=True)
-        tables = torch.stack([self._dynamic_table(int(length)) for length in lengths.tolist()])  # [U, R/2]
-        return tables[where.to(tables.device)]
+        return self._dynamic_tables(lengths)[where.to(self.inv_freq.device)]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype, rope_lengths: torch.Tensor | None = None) -> Rope:
         """cos and sin [N, R] for ``positions`` [N]; ``rope_lengths`` [N] matters only to length-dependent variants."""

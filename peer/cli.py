@@ -152,7 +152,9 @@ def run(
         model_args(model_config)
         check_checkpoint(model, model_config)
     except (UnsupportedModelError, CheckpointError, CheckpointMismatchError, OSError, ValueError) as e:
-        raise typer.BadParameter(" ".join(str(e).split()), param_hint="MODEL") from e
+        # One plain line (the form start-up errors take too), greppable in a log: no usage box.
+        typer.echo(f"brigade peer: cannot serve {model}: {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(2) from None
     config = PeerConfig(
         model=model,
         start_layer=start,

@@ -11,7 +11,7 @@ from typing import Any
 
 from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES
-from brigade.kernels.memory import SpanPlan, kv_bytes_per_token, layer_bytes, plan_span
+from brigade.kernels.memory import PlanError, SpanPlan, format_bytes, kv_bytes_per_token, layer_bytes, plan_span
 from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
 from brigade.peer.resources import available_bytes, resident_bytes
@@ -67,10 +67,10 @@ def resolve_span(
         per_token = kv_bytes_per_token(args, dtype_bytes, count)
         left = budget - overhead - weights
         if left < per_token * config.cache_page_tokens:
-            raise ValueError(
-                f"layers {start}:{end} take {weights / 2**30:.2f} GiB of weights, which leaves no room for a KV "
-                f"cache in a {budget / 2**30:.2f} GiB budget ({overhead / 2**30:.2f} GiB already in use); "
-                "host fewer layers, quantize (--quant nf4), or raise --max-memory"
+            raise PlanError(
+                f"layers {start}:{end} take {format_bytes(weights)} of weights, which leaves no room for a KV "
+                f"cache in a {format_bytes(budget)} budget ({format_bytes(overhead)} already taken by this process "
+                "and one pass's working memory); host fewer layers, quantize (--quant nf4), or raise --max-memory"
             )
         plan = SpanPlan(num_layers=count, weight_bytes=weights, cache_tokens=left // per_token,
                         cache_bytes=(left // per_token) * per_token, budget_bytes=budget)

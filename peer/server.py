@@ -16,6 +16,7 @@ from brigade import __version__
 from brigade.kernels.checkpoint import CheckpointError, CheckpointMismatchError
 from brigade.kernels.families import model_args
 from brigade.kernels.loading import COMPUTE_DTYPES, load_config, load_span
+from brigade.kernels.memory import PlanError
 from brigade.kernels.quant import quantize_span
 from brigade.kernels.span import UnsupportedModelError
 from brigade.peer.config import PeerConfig
@@ -80,7 +81,8 @@ class PeerServer:
         self._model_config = model_config
         num_layers = model_config.num_hidden_layers
         if config.start_layer is not None and not 0 <= config.start_layer < (config.end_layer or 0) <= num_layers:
-            raise ValueError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers}")
+            raise PlanError(f"--layers {config.start_layer}:{config.end_layer} is outside the model's {num_layers} "
+                            "layers")
         loop = asyncio.get_running_loop()
         self._dht = await loop.run_in_executor(
             None, lambda: start_dht(config.initial_peers, listen_maddrs=config.dht_listen,
@@ -315,7 +317,8 @@ class PeerStartError(RuntimeError):
 
 
 # What start-up can meet in a volunteer's setup (a checkpoint, a config, a budget), as opposed to bugs.
-STARTUP_ERRORS = (UnsupportedModelError, CheckpointError, CheckpointMismatchError, DhtStartError, ValueError, OSError)
+# OSError: files, disks and downloads (the Hub client's errors are OSErrors too).
+STARTUP_ERRORS = (UnsupportedModelError, CheckpointError, CheckpointMismatchError, DhtStartError, PlanError, OSError)
 
 
 async def run_peer(config: PeerConfig) -> None:
@@ -323,6 +326,7 @@ async def run_peer(config: PeerConfig) -> None:
     try:
         await server.start()
     except STARTUP_ERRORS as error:
+        logger.debug("start-up failed", exc_info=True)  # the traceback, for whoever runs with debug logs
         await server.close()
         raise PeerStartError(" ".join(str(error).split())) from error
     except Exception:

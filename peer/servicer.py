@@ -28,7 +28,7 @@ from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
-from brigade.protocol.attestation import attest, tensor_digest
+from brigade.protocol.attestation import attest, rope_digest, tensor_digest
 from brigade.protocol.channels import dial
 from brigade.protocol.errors import (
     BrigadeError,
@@ -260,8 +260,8 @@ class PeerServicer(pb_grpc.PeerServicer):
         hidden = decode(step.hidden, self.limits)
         self._check_hidden(hidden, session.batch_size)
         start = step.start_position
+        rope_lengths = self.sessions.rope_lengths(session, step, hidden.shape[1])  # checked before pages are paid
         capacity = self.sessions.prepare_step(session, start, hidden.shape[1])
-        rope_lengths = self.sessions.rope_lengths(session, step, hidden.shape[1])
         if session.outputs is not None:
             session.outputs.truncate(start)
         whole_input_digest = tensor_digest(step.hidden)
@@ -299,8 +299,10 @@ class PeerServicer(pb_grpc.PeerServicer):
         assert chunk.output is not None
         position = step.start_position + chunk.offset
         output = encode(chunk.output, wire)
+        chunk_lengths = ([] if rope_lengths is None
+                         else rope_lengths[chunk.offset : chunk.offset + chunk.positions].tolist())
         attestation = attest(self.identity, session.session_id, step.step_id, position, session.layers,
-                             input_digest, tensor_digest(output))
+                             input_digest, tensor_digest(output), rope_digest(chunk_lengths))
         if session.outputs is not None:
             session.outputs.write(position, chunk.output.to(wire))
         result = pb.StepResult(
@@ -311,8 +313,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         if session.forwarder is not None:
             forwarded = pb.Step(hidden=output, start_position=position, step_id=step.step_id,
                                 step_positions=step.step_positions or step.hidden.shape[1])
-            if rope_lengths is not None:  # a chunk is not the whole call: say which call it belongs to
-                forwarded.rope_lengths.extend(rope_lengths[chunk.offset : chunk.offset + chunk.positions].tolist())
+            forwarded.rope_lengths.extend(chunk_lengths)  # a chunk is not the whole call: say which call it is of
             try:
                 await session.forwarder.send(forwarded)
                 result.forwarded = True

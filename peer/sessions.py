@@ -191,8 +191,13 @@ class SessionManager:
         if not 1 <= request.batch_size <= self.config.max_batch_size:
             raise InvalidRequestError(f"batch_size must be in [1, {self.config.max_batch_size}]")
         max_length = min(self.config.max_session_length, self.args.max_position_embeddings)
-        if not 1 <= request.max_length <= max_length:
-            raise InvalidRequestError(f"max_length must be in [1, {max_length}], got {request.max_length}")
+        if request.max_length < 1:
+            raise InvalidRequestError("max_length must be at least 1")
+        if request.max_length > max_length:
+            raise SessionLengthError(
+                f"max_length must be in [1, {max_length}] here, got {request.max_length} (prompt plus new tokens); "
+                f"this peer allows {self.config.max_session_length} (--max-session-length), the model "
+                f"{self.args.max_position_embeddings} positions")
         pads = list(request.pad_lengths) or [0] * request.batch_size
         if len(pads) != request.batch_size or any(pad >= request.max_length for pad in pads):
             raise InvalidRequestError("pad_lengths needs one value per sequence, each below max_length")

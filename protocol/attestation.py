@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.identity import Identity, peer_id_of, verify
@@ -27,19 +28,31 @@ def tensor_digest(tensor: pb.Tensor) -> bytes:
     return digest.digest()
 
 
+def rope_digest(lengths: Sequence[int]) -> bytes:
+    """SHA-256 of positions' call lengths (``Step.rope_lengths``); b"" for none, as models that ignore them send."""
+    if not lengths:
+        return b""
+    return hashlib.sha256(struct.pack(f"!{len(lengths)}I", *lengths)).digest()
+
+
 def _signed_bytes(att: pb.Attestation) -> bytes:
-    return b"\0".join([
+    fields = [
         _DOMAIN, att.peer_id.encode(), att.session_id.encode(),
         struct.pack("!QIII", att.step_id, att.start_position, att.start_layer, att.end_layer),
         att.input_sha256, att.output_sha256,
-    ])
+    ]
+    if att.rope_sha256:  # only length-dependent ropes have one: other attestations sign what they always did
+        fields.append(att.rope_sha256)
+    return b"\0".join(fields)
 
 
 def attest(identity: Identity, session_id: str, step_id: int, start_position: int, layers: tuple[int, int],
-           input_sha256: bytes, output_sha256: bytes) -> pb.Attestation:
+           input_sha256: bytes, output_sha256: bytes, rope_sha256: bytes = b"") -> pb.Attestation:
+    """Signed evidence of one result; ``rope_sha256`` binds the call lengths it was computed with, so a
+    peer that forwards wrong ones (or computes with them) is seen by the client on arrival."""
     att = pb.Attestation(peer_id=identity.peer_id, session_id=session_id, step_id=step_id,
                          start_position=start_position, start_layer=layers[0], end_layer=layers[1],
-                         input_sha256=input_sha256, output_sha256=output_sha256)
+                         input_sha256=input_sha256, output_sha256=output_sha256, rope_sha256=rope_sha256)
     att.signature = identity.sign(_signed_bytes(att))
     return att
 

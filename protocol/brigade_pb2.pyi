@@ -127,7 +127,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class Attestation(_message.Message):
-    __slots__ = ("peer_id", "session_id", "step_id", "start_position", "start_layer", "end_layer", "input_sha256", "output_sha256", "signature")
+    __slots__ = ("peer_id", "session_id", "step_id", "start_position", "start_layer", "end_layer", "input_sha256", "output_sha256", "signature", "rope_sha256")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class Attestation(_message.Message):
     INPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ROPE_SHA256_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session_id: str
     step_id: int
@@ -146,7 +147,8 @@ class Attestation(_message.Message):
     input_sha256: bytes
     output_sha256: bytes
     signature: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., start_position: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., input_sha256: _Optional[bytes] = ..., output_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    rope_sha256: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., start_position: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., input_sha256: _Optional[bytes] = ..., output_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., rope_sha256: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("hidden", "length", "step_id", "compute_ms", "peer_leaving", "start_position", "positions", "forwarded", "forward_error", "attestation", "queue_ms")

@@ -33,6 +33,18 @@ DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 class DhtStartError(RuntimeError):
     """The DHT node could not start or join: initial peers unreachable, a bad multiaddr, a port in use."""
 
+
+def check_multiaddrs(addresses: Sequence[str]) -> None:
+    """Refuses a malformed multiaddr by name before a daemon is started for it (its own error says less)."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for address in addresses:
+        try:
+            Multiaddr(address)
+        except Exception as e:
+            raise DhtStartError(f"{address!r} is not a multiaddr ({e}); copy the one `brigade dht` prints, "
+                                "such as /ip4/1.2.3.4/tcp/31337/p2p/Qm...") from e
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
@@ -56,6 +68,7 @@ def start_dht(
     Blocks the calling thread; from async code run it with ``asyncio.to_thread``.
     Raises RuntimeError when the node does not come up within ``startup_timeout_s``.
     """
+    check_multiaddrs([*initial_peers, *listen_maddrs])
     if identity_path is not None:
         Path(identity_path).parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + startup_timeout_s

@@ -53,3 +53,32 @@ def test_a_peer_killed_past_the_dynamic_ntk_switch_is_replaced_with_the_same_tok
             assert ids[0].tolist() + tokens == expected[0].tolist()
             replays = [event for event in model.last_events if event.kind == "failure"]
             assert replays and replays[0].replayed_positions > switch, model.last_events
+
+
+def test_a_peer_forwarding_other_rope_lengths_frames_nobody_and_changes_no_token(tmp_path: Path) -> None:
+    """The first hop computes and signs honestly but forwards rope lengths off by one, so that the next
+    hop computes wrongly. The next hop's attestation names the lengths it used; the client sees they are
+    not its own, carries that pair itself from then on, and neither peer is banned or distrusted."""
+    from brigade_evil_peer import evil_entry
+
+    real = RealConfig.load("llama-2-7b-dynamic-ntk")
+    checkpoint = build_checkpoint(real, tmp_path / "checkpoint")
+    ids = prompt(real)
+    with torch.no_grad():
+        expected = reference(checkpoint).generate(ids, attention_mask=torch.ones_like(ids),
+                                                  max_new_tokens=NEW_TOKENS, do_sample=False)
+    length = real.max_length() + 8
+    args = [*FAST_PEER_ARGS, "--throughput", "500", "--client-cache-share", "1", "--max-session-length", str(length),
+            "--cache-tokens", str(2 * length)]
+    with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
+        swarm.start_bootstrap()
+        swarm.add_peer(str(checkpoint), (0, 1), extra_args=args, wait=False, entry=evil_entry("rope:1"))
+        swarm.add_peer(str(checkpoint), (1, 3), extra_args=args, wait=False)
+        for peer in swarm.peers:
+            swarm.wait_ready(peer)
+        with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers) as model:
+            got = model.generate(ids, max_new_tokens=NEW_TOKENS)
+            assert got.tolist() == expected.tolist()
+            assert [event.kind for event in model.last_events] == ["unlink"], model.last_events
+            assert model.last_forwarding == [False, False]
+            assert not model.distrusted and not model.bans.banned()

@@ -83,3 +83,16 @@ def test_logits_of_the_whole_sequence_match_transformers(served: tuple, expected
     with torch.no_grad():
         want = reference_model(sequence).logits
     assert_logits_close(model(sequence).logits, want)
+
+
+def test_speculative_decoding_keeps_the_plain_greedy_tokens_of_length_dependent_ropes(served: tuple,
+                                                                                      expected: tuple) -> None:
+    """Each speculative round is one call, but its positions carry the call lengths plain decoding would
+    give them (and Phi-3's recompute at its switch), so a draft changes nothing, past the switch included."""
+    _, reference_model, model = served
+    if not model.head.args.rope_by_length:
+        pytest.skip("the rotary table of this config does not depend on the sequence length")
+    ids, want = expected
+    got = model.generate(ids, max_new_tokens=NEW_TOKENS, draft_model=reference_model, draft_tokens=4)
+    assert got.tolist() == want.tolist()
+    assert model.last_speculation is not None and model.last_speculation.accepted > 0

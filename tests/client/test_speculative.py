@@ -74,7 +74,7 @@ def draft() -> torch.nn.Module:
 class TokenHead:
     """A head whose hidden states are the token ids themselves; ``LocalSession`` turns them into logits."""
 
-    args = SimpleNamespace(vocab_size=VOCAB)
+    args = SimpleNamespace(vocab_size=VOCAB, recompute_at=lambda: None, rope_by_length=False)  # as a Llama's
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return ids[..., None].float()

@@ -167,3 +167,35 @@ def test_a_sharded_checkpoint_opens_only_the_shards_of_the_span(tmp_path: Path,
     monkeypatch.setattr("brigade.kernels.checkpoint.safe_open", spy)
     load_span(str(folder), 2, 4)
     assert set(opened) == needed
+
+
+def test_dynamic_ntk_tables_for_many_lengths_at_once_equal_transformers_one_by_one() -> None:
+    """A pass may bring many sessions of different lengths: their tables come from one vectorised op,
+    bit for bit what transformers computes for each length alone."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    real = RealConfig.load("llama-2-7b-dynamic-ntk")
+    rotary = Rotary(real.config, model_args(real.config).head_dim)
+    lengths = torch.cat([torch.arange(4090, 4200), torch.arange(4200, 40000, 97)])
+    tables = rotary._tables(lengths)
+    for length, table in zip(lengths.tolist(), tables, strict=True):
+        if length <= real.config.max_position_embeddings:
+            expected = rotary.inv_freq
+        else:
+            expected, _ = ROPE_INIT_FUNCTIONS["dynamic"](real.config, torch.device("cpu"), seq_len=torch.tensor(length))
+        assert torch.equal(table, expected), length
+
+
+def test_alibi_attention_in_query_blocks_equals_one_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long BLOOM prefill builds its ALiBi bias a block of queries at a time; the result does not change."""
+    real = RealConfig.load("bloom-176b")
+    folder = build_checkpoint(real, tmp_path / "bloom")
+    span = load_span(str(folder), 0, 2)
+    hidden = torch.randn(2, 40, span.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    pads = torch.tensor([0, 7])
+    whole = span(hidden, pads, span.args.new_cache(0, 2, 2, 64, torch.float32, "cpu"))
+    monkeypatch.setattr("brigade.kernels.batch.ALIBI_BIAS_ELEMENTS", 2 * 6 * 40 * 3)  # three queries a block
+    blocked = span(hidden, pads, span.args.new_cache(0, 2, 2, 64, torch.float32, "cpu"))
+    scale = float(whole.abs().max())  # random weights make residuals of hundreds: compare relative to them
+    torch.testing.assert_close(blocked[1, 7:], whole[1, 7:], atol=3e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(blocked[0], whole[0], atol=3e-5 * scale, rtol=1e-5)

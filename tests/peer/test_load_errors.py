@@ -1,5 +1,6 @@
 """A peer that cannot serve a checkpoint says why in one line (model, what is wrong, what to do) and
-exits non-zero: no traceback, and nothing joins the swarm when the checkpoint itself is at fault."""
+exits non-zero: no traceback, and nothing joins the swarm when the checkpoint itself is at fault
+(those exit 2, before anything starts; what goes wrong while starting exits 1)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused_in_one_line(
     code, output = _run_peer(_copy(checkpoint, tmp_path / "edited", config))
     assert code == 2, output
     line = _one_line(output)
-    assert "Invalid value for MODEL" in line and expected in line, output
+    assert f"brigade peer: cannot serve {tmp_path / 'edited'}: " in line and expected in line, output
 
 
 def test_a_folder_without_weights_is_refused_in_one_line(checkpoint: Path, tmp_path: Path) -> None:
@@ -72,10 +73,35 @@ def test_a_folder_without_weights_is_refused_in_one_line(checkpoint: Path, tmp_p
     assert "has neither model.safetensors nor model.safetensors.index.json" in _one_line(output)
 
 
-def test_unreachable_initial_peers_end_the_peer_with_one_line(checkpoint: Path) -> None:
+def test_a_missing_folder_or_config_is_named(checkpoint: Path, tmp_path: Path) -> None:
+    code, output = _run_peer(tmp_path / "no-such-folder")
+    assert code == 2 and "no folder" in output and "Hugging Face repo id" in output, output
+    (tmp_path / "empty").mkdir()
+    code, output = _run_peer(tmp_path / "empty")
+    assert code == 2 and "has no config.json" in output, output
+
+
+def test_a_checkpoint_holding_only_its_own_shards_is_served(tmp_path: Path) -> None:
+    """A volunteer keeps only the shards of its layers: the index names the others, which are not here."""
+    folder = build_checkpoint(RealConfig.load("tinyllama-1.1b"), tmp_path / "sharded", shard_size="1MB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    kept = {file for name, file in index.items() if ".layers.0." in name or not name.startswith("model.layers.")}
+    for file in set(index.values()) - kept:
+        (folder / file).unlink()
+    from brigade.kernels.loading import check_checkpoint, load_config, load_span
+
+    check_checkpoint(str(folder), load_config(str(folder)))  # names all checked, shapes where the files are
+    assert load_span(str(folder), 0, 1).end == 1
+
+
+def test_a_malformed_or_unreachable_initial_peer_ends_the_peer_with_one_line(checkpoint: Path) -> None:
     code, output = _run_peer(checkpoint)
     assert code == 1, output
-    assert "could not start the DHT node" in _one_line(output) and "are running and reachable" in output
+    assert "'/ip4/127.0.0.1/tcp/9/p2p/QmNone' is not a multiaddr" in _one_line(output)
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/QmXH6f5Y2zbFdNeAkQjT2eUuBx7s5c2bJsBd1p7ZqW5Wv4"  # well formed, not listening
+    code, output = _run_peer(checkpoint, initial=nobody)
+    assert code == 1, output
+    assert "could not start the DHT node" in _one_line(output) or "did not start within" in output
 
 
 def test_a_budget_too_small_for_one_layer_ends_the_peer_with_one_line(checkpoint: Path, tmp_path: Path) -> None:

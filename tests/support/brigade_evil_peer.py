@@ -8,8 +8,9 @@ of what its span added to each position (so ``S`` is the error relative to the s
 ``skip:K`` leaves out the ``K``-th layer of its span (0-based). It signs what it returns like an
 honest peer, so only a re-run elsewhere can tell. ``lie:S`` computes honestly but hands back its
 kept outputs (``History``, what a check reads) with noise of ``S`` times their RMS: what a peer
-would do to make a check compare something other than what it sent. ``LocalSwarm.add_peer(entry=evil_entry(...))``
-starts one.
+would do to make a check compare something other than what it sent. ``rope:K`` computes and signs
+honestly but forwards rope lengths (``Step.rope_lengths``) off by ``K``, so that the next hop computes
+wrongly. ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
 from __future__ import annotations
@@ -72,9 +73,25 @@ def _lie_about_history(scale: float) -> None:
     OutputHistory.read = lying_read  # type: ignore[method-assign]
 
 
+def _forward_other_rope_lengths(shift: int) -> None:
+    """Computes and signs honestly, but forwards rope lengths off by ``shift``: framing the next hop."""
+    from brigade.peer.forwarding import Forwarder
+
+    honest_send = Forwarder.send
+
+    async def framing_send(self: Forwarder, step) -> None:
+        if step.rope_lengths:
+            shifted = [length + shift for length in step.rope_lengths]
+            del step.rope_lengths[:]
+            step.rope_lengths.extend(shifted)
+        await honest_send(self, step)
+
+    Forwarder.send = framing_send  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
-        raise SystemExit("usage: brigade_evil_peer.py --cheat noise:S|skip:K|lie:S <brigade arguments>")
+        raise SystemExit("usage: brigade_evil_peer.py --cheat noise:S|skip:K|lie:S|rope:K <brigade arguments>")
     kind, _, value = argv[1].partition(":")
     if kind == "noise":
         _add_noise(float(value))
@@ -82,8 +99,10 @@ def main(argv: list[str]) -> None:
         _skip_layer(int(value))
     elif kind == "lie":
         _lie_about_history(float(value))
+    elif kind == "rope":
+        _forward_other_rope_lengths(int(value))
     else:
-        raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K or lie:S")
+        raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S or rope:K")
     app(args=argv[2:], prog_name="brigade")
 
 
