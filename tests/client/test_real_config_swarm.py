@@ -70,11 +70,18 @@ def expected(served: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_greedy_tokens_through_real_peers_match_transformers(served: tuple, expected: tuple) -> None:
-    real, _, model = served
+    """Where the rotary table depends on the length (dynamic NTK, LongRoPE), speculative decoding too:
+    each round is one call, but its positions carry the call lengths plain decoding gives them (and
+    Phi-3's recompute at its switch), so a draft changes no token, past the switch included."""
+    real, reference_model, model = served
     ids, want = expected
     got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert got.tolist() == want.tolist()
     assert len(model.last_route) == len(real.spans())
+    if model.head.args.rope_by_length:
+        got = model.generate(ids, max_new_tokens=NEW_TOKENS, draft_model=reference_model, draft_tokens=4)
+        assert got.tolist() == want.tolist()
+        assert model.last_speculation is not None and model.last_speculation.accepted > 0
 
 
 def test_logits_of_the_whole_sequence_match_transformers(served: tuple, expected: tuple) -> None:
@@ -84,15 +91,3 @@ def test_logits_of_the_whole_sequence_match_transformers(served: tuple, expected
         want = reference_model(sequence).logits
     assert_logits_close(model(sequence).logits, want)
 
-
-def test_speculative_decoding_keeps_the_plain_greedy_tokens_of_length_dependent_ropes(served: tuple,
-                                                                                      expected: tuple) -> None:
-    """Each speculative round is one call, but its positions carry the call lengths plain decoding would
-    give them (and Phi-3's recompute at its switch), so a draft changes nothing, past the switch included."""
-    _, reference_model, model = served
-    if not model.head.args.rope_by_length:
-        pytest.skip("the rotary table of this config does not depend on the sequence length")
-    ids, want = expected
-    got = model.generate(ids, max_new_tokens=NEW_TOKENS, draft_model=reference_model, draft_tokens=4)
-    assert got.tolist() == want.tolist()
-    assert model.last_speculation is not None and model.last_speculation.accepted > 0
