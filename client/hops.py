@@ -20,16 +20,14 @@ import torch
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.channels import handshake_failure
-from brigade.protocol.errors import BrigadeError, InvalidRequestError, SessionLengthError, from_status
+from brigade.protocol.errors import BrigadeError, from_status
 from brigade.protocol.errors import PeerLeavingError as _PeerLeaving
-from brigade.protocol.tensors import decode
+from brigade.protocol.messages import history_answer
 from brigade.protocol.tokens import make_token
 from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
 
-# Errors that say the request itself is wrong: another peer would refuse it too, so no retry.
-FATAL = (InvalidRequestError, SessionLengthError)
 
 
 class HopFailure(Exception):
@@ -43,13 +41,19 @@ class HopFailure(Exception):
 
 
 def classify(hop: Hop, error: BaseException, timeout: float | None = None) -> BaseException:
-    """Turns what went wrong talking to a hop into a HopFailure, or passes fatal errors through."""
+    """Turns what went wrong talking to a hop into a HopFailure (ban it, route around it).
+
+    Whatever a peer answers, INVALID_ARGUMENT and OUT_OF_RANGE included, is that peer's word only:
+    this client checked its own request before sending it (a wrong one never leaves as a request),
+    so a refusal is a peer that is wrong, lying or unlike the others, and another may serve it.
+    Cancellation and programming errors pass through unchanged.
+    """
     if isinstance(error, grpc.aio.AioRpcError):
         handshake = handshake_failure(hop.peer.address, error.details() or "")
         if handshake is not None:
             return HopFailure(hop, handshake)
         error = from_status(error.code(), error.details() or "")
-    if isinstance(error, (*FATAL, HopFailure)):
+    if isinstance(error, HopFailure):
         return error
     if isinstance(error, _PeerLeaving):
         return HopFailure(hop, str(error), leaving=True)
@@ -124,6 +128,7 @@ class HopStream:
     session_id: str
     call: grpc.aio.StreamStreamCall
     swarm: RemoteSwarm
+    batch_size: int = 1  # sequences of the session
     forwards: bool = False  # this hop sends its outputs straight to the next hop's session
     receives_push: bool = False  # the previous hop forwards into this one (its inputs are not in `inputs`)
     session_next: pb.NextHop | None = None  # the links the peer holds for this session, as last set
@@ -179,7 +184,8 @@ class HopStream:
             if failure is error:
                 raise
             raise failure from error
-        stream = cls(hop=hop, session_id=session_id, call=call, swarm=swarm, forwards=next_hop is not None,
+        stream = cls(hop=hop, session_id=session_id, call=call, swarm=swarm, batch_size=batch_size,
+                     forwards=next_hop is not None,
                      receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id)
         stream.inputs.complete = not upstream_peer_id  # pushed inputs are the previous peer's, not logged here
         stream._reader = asyncio.create_task(stream._read_answers(), name=f"hop-{session_id}")
@@ -246,7 +252,7 @@ class HopStream:
         )
         try:
             response = await self.swarm.stub(self.hop.peer).History(request, timeout=timeout_s)
-            return decode(response.hidden)
+            return history_answer(response, batch=self.batch_size, width=self.swarm.hidden_size, positions=end)
         except BaseException as error:
             failure = classify(self.hop, error, timeout_s)
             if failure is error:

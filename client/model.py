@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-import grpc
 import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutput
@@ -24,20 +23,16 @@ from transformers.modeling_outputs import CausalLMOutput
 from brigade.client.bans import PeerBans
 from brigade.client.config import ClientConfig
 from brigade.client.decoding import Decoder, GenerationOptions, StepDecoder, StepInput, StepReport
-from brigade.client.hops import FATAL, HopFailure
 from brigade.client.loop import LoopThread
 from brigade.client.remote import RemoteSwarm
 from brigade.client.sampling import TokenChooser
 from brigade.client.session import FailoverEvent, InferenceSession
 from brigade.client.speculative import DraftCache, SpeculationStats, speculative_decoder
+from brigade.client.stateless import forward_through
 from brigade.client.verification import ResultVerifier
 from brigade.kernels.checkpoint import resolve_config_folder
 from brigade.kernels.loading import load_config, load_head
-from brigade.protocol import brigade_pb2 as pb
-from brigade.protocol.errors import from_status
 from brigade.protocol.records import model_name_for
-from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
-from brigade.protocol.tokens import make_token
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +76,8 @@ class DistributedModelForCausalLM:
         self.distrusted: set[str] = set()  # peers a result check caught cheating: no session of this model uses them
         self.last_verifier: ResultVerifier | None = None  # result checks of the last generate / stream
         self._loop = LoopThread()
-        self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers, head.args.rope_by_length)
+        self.swarm = RemoteSwarm(client_config, model_name, config.num_hidden_layers,
+                                 hidden_size=head.args.hidden_size, rope_by_length=head.args.rope_by_length)
         # astream's embeddings, LM head and sampling: off every event loop, one thread (threads start lazily).
         self._head_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brigade-head")
 
@@ -111,42 +107,19 @@ class DistributedModelForCausalLM:
     # -- plain forward -------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
         """Full-sequence logits [B, T, V], like a transformers model's forward."""
-        pads = left_pad_lengths(attention_mask) if attention_mask is not None else [0] * input_ids.shape[0]
+        pads = _check_prompt(input_ids, attention_mask)
+        self._check_length(input_ids.shape[1])
         hidden = self.head.embed(input_ids)
-        hidden = self._loop.run(self._forward_remote(hidden, pads))
+        hidden, self.last_route = self._loop.run(forward_through(self.swarm, self.bans, hidden, pads,
+                                                                 self.distrusted))
         return CausalLMOutput(logits=self.head.logits(hidden))
 
-    async def _forward_remote(self, hidden: torch.Tensor, pads: list[int]) -> torch.Tensor:
-        """Stateless passes hop by hop; a failed hop is banned and the remaining layers re-routed."""
-        config = self.client_config
-        wire = WIRE_DTYPES[config.wire_dtype]
-        num_layers = self.config.num_hidden_layers
-        position, used, attempts = 0, [], config.max_attempts
-        while position < num_layers:
-            hop = (await self.swarm.route(position, num_layers, exclude=self.bans.banned(), fresh=attempts
-                                          < config.max_attempts))[0]
-            request = pb.ForwardRequest(
-                start_layer=hop.start, end_layer=hop.end, hidden=encode(hidden, wire), pad_lengths=pads,
-                token=make_token(self.swarm.identity, hop.peer.peer_id, "forward"),
-            )
-            try:
-                response = await self.swarm.stub(hop.peer).Forward(request, timeout=config.step_timeout_s)
-                output = decode(response.hidden)
-                if output.shape != hidden.shape:
-                    raise HopFailure(hop, f"answered shape {list(output.shape)} for {list(hidden.shape)}")
-            except Exception as error:
-                if isinstance(error, grpc.aio.AioRpcError):
-                    error = from_status(error.code(), error.details() or "")
-                if isinstance(error, FATAL) or attempts <= 0:
-                    raise error from None
-                attempts -= 1
-                self.bans.ban(hop.peer.peer_id)
-                logger.warning("forward through %s failed (%s); rerouting", hop.peer.peer_id, error)
-                continue
-            hidden, position = output, hop.end
-            used.append(f"{hop.peer.peer_id}[{hop.start}:{hop.end}]")
-        self.last_route = used
-        return hidden
+    def _check_length(self, positions: int) -> None:
+        """This client's own check of a request's length: past the model's positions every peer would refuse
+        it, so it is the caller's error here (a peer's refusal alone never is)."""
+        limit = self.head.args.max_position_embeddings
+        if positions > limit:
+            raise ValueError(f"{positions} positions (prompt plus new tokens) is more than the model's {limit}")
 
     # -- generation ----------------------------------------------------------------------------
     def generate(
@@ -198,6 +171,7 @@ class DistributedModelForCausalLM:
         if max_new_tokens < 1:
             return
         pads = _check_prompt(input_ids, attention_mask)
+        self._check_length(input_ids.shape[1] + max_new_tokens)
         decoder, self.last_speculation = self._decoder(input_ids, options, pads, draft_model, draft_tokens, None)
         session, self.last_verifier = self._new_session(input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
                                                         pads)
@@ -250,6 +224,7 @@ class DistributedModelForCausalLM:
         if max_new_tokens < 1:
             return
         pads = _check_prompt(input_ids, attention_mask)
+        self._check_length(input_ids.shape[1] + max_new_tokens)
         options = GenerationOptions.resolve(
             self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)

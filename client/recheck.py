@@ -22,8 +22,9 @@ from brigade.client.checking import choose_checker, disagreement, precision_of, 
 from brigade.client.evidence import Link, badly_signed, first_mismatch
 from brigade.client.hops import HopFailure, HopStream
 from brigade.protocol import brigade_pb2 as pb
-from brigade.protocol.attestation import check_attestation, rope_digest, tensor_digest
-from brigade.protocol.errors import BrigadeError
+from brigade.protocol.attestation import check_attestation, rope_digest
+from brigade.protocol.errors import BadAnswerError, BrigadeError
+from brigade.protocol.messages import StepAnswer
 from brigade.protocol.records import PeerRecord
 from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
 from brigade.protocol.tokens import make_token
@@ -375,19 +376,20 @@ class HopCheck:
                 response = await stream.answer(self.config.step_timeout_s)
                 if response.WhichOneof("kind") != "result":
                     continue
-                answer = response.result
-                if answer.start_position != covered or answer.positions <= 0 or covered + answer.positions > length:
-                    raise _BadWitness(f"answered positions {answer.start_position}+{answer.positions}")
+                try:
+                    answer = await asyncio.to_thread(
+                        StepAnswer.from_proto, response.result, expected_start=covered, remaining=length - covered,
+                        batch=session.batch_size, width=inputs.shape[2], wire_dtype=self._wire)
+                except BadAnswerError as error:
+                    raise _BadWitness(str(error)) from error
                 att = answer.attestation
                 rope = rope_digest(self.window.rope_lengths[covered : covered + answer.positions])
-                if (att.session_id != stream.session_id or (att.start_layer, att.end_layer) != layers
-                        or att.start_position != covered or att.rope_sha256 != rope
-                        or not await asyncio.to_thread(_witnessed, att, answer.hidden, public_key)):
+                if (answer.hidden is None or att.session_id != stream.session_id
+                        or (att.start_layer, att.end_layer) != layers or att.start_position != covered
+                        or att.rope_sha256 != rope or att.output_sha256 != answer.hidden.digest
+                        or not check_attestation(att, public_key)):
                     raise _BadWitness("its attestation does not match what it returned")
-                output = await asyncio.to_thread(decode, answer.hidden)
-                if tuple(output.shape) != (session.batch_size, answer.positions, inputs.shape[2]):
-                    raise _BadWitness(f"answered shape {list(output.shape)}")
-                pieces.append(output)
+                pieces.append(answer.hidden.tensor)
                 links.append(Link(att, answer.positions))
                 covered += answer.positions
             self.stats.rerun_positions += length * session.batch_size
@@ -426,9 +428,6 @@ class HopCheck:
                        "(scores %s)", result.peer_id, *result.layers, *result.window, result.checker, detail,
                        {key: round(value, 3) for key, value in result.scores.items()})
 
-
-def _witnessed(att: pb.Attestation, hidden: pb.Tensor, public_key: bytes) -> bool:
-    return att.output_sha256 == tensor_digest(hidden) and check_attestation(att, public_key)
 
 
 def _joined(pieces: list[torch.Tensor], end: int, dtype: torch.dtype) -> torch.Tensor:

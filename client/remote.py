@@ -27,10 +27,12 @@ logger = logging.getLogger(__name__)
 class RemoteSwarm:
     """Lives on the client's event loop; ``start`` joins the DHT, ``close`` leaves it."""
 
-    def __init__(self, config: ClientConfig, model_name: str, num_layers: int, rope_by_length: bool = False):
+    def __init__(self, config: ClientConfig, model_name: str, num_layers: int, *, hidden_size: int,
+                 rope_by_length: bool = False):
         self.config = config
         self.model_name = model_name
         self.num_layers = num_layers
+        self.hidden_size = hidden_size  # the model's width: every hop's answer must have it
         # The model's rotary table depends on the sequence length (dynamic NTK, LongRoPE): steps say
         # which forward call each position belongs to (kernels/rope.py).
         self.rope_by_length = rope_by_length

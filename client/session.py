@@ -29,21 +29,19 @@ from typing import Any
 import torch
 
 from brigade.client.bans import PeerBans
+from brigade.client.budget import Budget, RecoveryExhaustedError
 from brigade.client.hops import HopFailure, HopStream, new_session_id
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import rope_digest
-from brigade.protocol.errors import BrigadeError, InvalidTensorError, MissingLayersError
-from brigade.protocol.tensors import WIRE_DTYPES, decode, encode
+from brigade.protocol.errors import BadAnswerError, InvalidTensorError, MissingLayersError
+from brigade.protocol.messages import StepAnswer
+from brigade.protocol.tensors import WIRE_DTYPES, encode
 from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
 
 DECODE_SIZED = 8  # steps of at most this many positions get deadlines from measured step times
-
-
-class RecoveryExhaustedError(BrigadeError):
-    """A step could not recover from failed hops within the retry budget."""
 
 
 class _ForwardBroken(Exception):
@@ -67,22 +65,6 @@ class FailoverEvent:
     recovery_s: float = 0.0  # re-routing, opening and replaying
     replayed_positions: int = 0
     new_route: list[str] = field(default_factory=list)
-
-
-class _Budget:
-    """How much recovering one step may still do."""
-
-    def __init__(self, seconds: float, attempts: int):
-        self.deadline = time.monotonic() + seconds
-        self.attempts_left = attempts
-
-    def remaining_s(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def spend(self, error: Exception) -> None:
-        self.attempts_left -= 1
-        if self.attempts_left < 0 or self.remaining_s() <= 0:
-            raise RecoveryExhaustedError(f"gave up after repeated failures; last: {error}") from error
 
 
 class InferenceSession:
@@ -122,7 +104,7 @@ class InferenceSession:
         return [stream.hop for stream in self.hops]
 
     async def open(self) -> None:
-        budget = _Budget(self.config.retry_budget_s, self.config.max_attempts)
+        budget = Budget(self.config.retry_budget_s, self.config.max_attempts)
         self.hops = await self._build_with_retries(0, self.swarm.num_layers, None, budget)
 
     # -- the step loop -----------------------------------------------------------------------------
@@ -140,7 +122,7 @@ class InferenceSession:
             raise ValueError(f"a step may start at most at the session's length {self.position}, not {start}")
         if start + length > self.max_length:
             raise ValueError(f"session of max_length {self.max_length} cannot take positions up to {start + length}")
-        budget = _Budget(self.config.retry_budget_s, self.config.max_attempts)
+        budget = Budget(self.config.retry_budget_s, self.config.max_attempts)
         failure: HopFailure | None = None
         broken: _ForwardBroken | None = None
         began = time.monotonic()
@@ -227,12 +209,10 @@ class InferenceSession:
                 covered = 0
                 while covered < length:
                     timeout = self._timeout(stream, decode_sized)
-                    result = await self._result(stream, step_id, timeout, sender)
+                    result = self._answer(stream, await self._result(stream, step_id, timeout, sender),
+                                          start + covered, length - covered)
                     arrived = time.monotonic()
                     position = result.start_position
-                    if result.positions <= 0 or position != start + covered or covered + result.positions > length:
-                        raise HopFailure(stream.hop, f"answered positions {position}+{result.positions}, "
-                                                     f"expected {start + covered} of a {length}-position step")
                     self._check_rope(first + offset, result, pushed=offset > 0)
                     stream.keep_attestation(result.attestation)
                     stream.reported_length = result.length
@@ -244,12 +224,9 @@ class InferenceSession:
                         if not result.forwarded:
                             raise HopFailure(stream.hop, "answered with tensors instead of forwarding")
                     else:
-                        output = decode(result.hidden)
-                        expected = (self.batch_size, result.positions, output.shape[-1] if output.dim() == 3 else -1)
-                        if output.dim() != 3 or tuple(output.shape) != expected or output.dtype != self._wire_dtype:
-                            raise HopFailure(stream.hop, f"answered shape {list(output.shape)} {output.dtype} for "
-                                                         f"{result.positions} positions of batch {self.batch_size}")
-                        yield position, output
+                        if result.hidden is None:
+                            raise HopFailure(stream.hop, "the last hop answered without its outputs")
+                        yield position, result.hidden.tensor
                     if decode_sized:
                         reference = previous_at if previous_at is not None else (sent_at[0] if sent_at else arrived)
                         self._observe(stream, arrived - reference, result.compute_ms)
@@ -261,6 +238,15 @@ class InferenceSession:
                 sender.cancel()
             elif not sender.cancelled():
                 sender.exception()  # retrieved: it was either raised above or superseded by another failure
+
+    def _answer(self, stream: HopStream, result: pb.StepResult, expected_start: int, remaining: int) -> StepAnswer:
+        """A hop's result checked against what this client asked (``StepAnswer.from_proto``); else its failure."""
+        try:
+            return StepAnswer.from_proto(result, expected_start=expected_start, remaining=remaining,
+                                         batch=self.batch_size, width=self.swarm.hidden_size,
+                                         wire_dtype=self._wire_dtype)
+        except BadAnswerError as error:
+            raise HopFailure(stream.hop, str(error)) from error
 
     async def _result(self, stream: HopStream, step_id: int, timeout: float,
                       sender: asyncio.Task[None] | None = None) -> pb.StepResult:
@@ -288,7 +274,7 @@ class InferenceSession:
                 continue  # an answer to an abandoned attempt
             return response.result
 
-    def _check_rope(self, index: int, result: pb.StepResult, pushed: bool) -> None:
+    def _check_rope(self, index: int, result: StepAnswer, pushed: bool) -> None:
         """A length-dependent rope's result must have been computed with this client's call lengths.
 
         Its attestation names the lengths used. Wrong ones on a hop the client fed itself are that
@@ -334,7 +320,7 @@ class InferenceSession:
                            failure.hop.start, failure.hop.end)
         return FailoverEvent(kind, peer_id, (failure.hop.start, failure.hop.end), failure.reason, detected_after_s)
 
-    async def _migrate_leaving(self, start: int, budget: _Budget) -> None:
+    async def _migrate_leaving(self, start: int, budget: Budget) -> None:
         index = 0
         while index < len(self.hops):
             stream = self.hops[index]
@@ -344,7 +330,7 @@ class InferenceSession:
                 await self._replace(index, start, budget, event)
             index += 1
 
-    async def _leave_distrusted(self, start: int, budget: _Budget) -> None:
+    async def _leave_distrusted(self, start: int, budget: Budget) -> None:
         """Rebuilds the route from the first hop a result check caught cheating to the end: every later
         hop's cache was computed from its wrong outputs."""
         index = next((i for i, stream in enumerate(self.hops) if stream.peer_id in self.distrusted), None)
@@ -365,7 +351,7 @@ class InferenceSession:
             raise RuntimeError("the first hop's inputs are always kept by the client")
         return await self.hops[index - 1].history(end, self.config.step_timeout_s)
 
-    async def _replace(self, index: int, start: int, budget: _Budget, event: FailoverEvent,
+    async def _replace(self, index: int, start: int, budget: Budget, event: FailoverEvent,
                        first: int | None = None) -> None:
         """Swaps hops ``first..index`` (default: just ``index``, and earlier hops whose outputs were lost
         with it) for a new chain."""
@@ -433,7 +419,7 @@ class InferenceSession:
                      for stream in touched.values()))
 
     async def _build_with_retries(
-        self, start: int, end: int, history: torch.Tensor | None, budget: _Budget
+        self, start: int, end: int, history: torch.Tensor | None, budget: Budget
     ) -> list[HopStream]:
         fresh = False
         while True:
@@ -520,15 +506,15 @@ class InferenceSession:
             rope_lengths=self.rope_lengths_for(0, length))))
         pieces, covered = [], 0
         while covered < length:
-            result = await self._result(stream, step_id, self.config.step_timeout_s)
-            output = decode(result.hidden)
-            if tuple(output.shape) != (self.batch_size, result.positions, replay.shape[2]):
-                raise HopFailure(stream.hop, f"replay answered shape {list(output.shape)}")
+            result = self._answer(stream, await self._result(stream, step_id, self.config.step_timeout_s), covered,
+                                  length - covered)
+            if result.hidden is None:
+                raise HopFailure(stream.hop, "a replay answered without its outputs")
             if self.swarm.rope_by_length and result.attestation.rope_sha256 != rope_digest(
                     self.rope_lengths[result.start_position : result.start_position + result.positions]):
                 raise HopFailure(stream.hop, "replayed with other rope lengths than it was sent")
             stream.keep_attestation(result.attestation)
-            pieces.append(output)
+            pieces.append(result.hidden.tensor)
             covered += result.positions
         return torch.cat(pieces, dim=1)
 

@@ -32,15 +32,16 @@ from brigade.protocol.attestation import attest, rope_digest, tensor_digest
 from brigade.protocol.channels import dial
 from brigade.protocol.errors import (
     BrigadeError,
+    ComputeError,
     InvalidRequestError,
-    InvalidTensorError,
     PermissionDeniedError,
     SessionLengthError,
     UnknownSessionError,
 )
 from brigade.protocol.identity import Identity
+from brigade.protocol.messages import Hidden, NextHop, OpenSession, Step
 from brigade.protocol.records import PROTOCOL_VERSION
-from brigade.protocol.tensors import TensorLimits, decode, encode
+from brigade.protocol.tensors import TensorLimits, encode
 from brigade.protocol.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -93,16 +94,6 @@ class PeerServicer(pb_grpc.PeerServicer):
             raise PermissionDeniedError(f"{requester} is not allowed to use this peer")
         return requester
 
-    def _check_hidden(self, hidden: torch.Tensor, batch: int | None = None) -> None:
-        if hidden.dim() != 3 or hidden.shape[1] == 0:
-            raise InvalidTensorError(f"hidden states must be [batch, positions>0, hidden], got {list(hidden.shape)}")
-        if hidden.shape[2] != self.hidden_size:
-            raise InvalidTensorError(
-                f"hidden size {hidden.shape[2]} does not match the model's {self.hidden_size}"
-            )
-        if batch is not None and hidden.shape[0] != batch:
-            raise InvalidTensorError(f"batch of {hidden.shape[0]} does not match the session's {batch}")
-
     # -- Inference: the client's stream or a previous hop's push stream ----------------------------
     async def Inference(self, request_iterator: AsyncIterator[pb.InferenceRequest],
                         context: grpc.aio.ServicerContext) -> None:
@@ -129,9 +120,9 @@ class PeerServicer(pb_grpc.PeerServicer):
             logger.info("inference stream refused: %s", error)
             await _refuse(context, error)
 
-    async def _serve_client(self, request: pb.OpenSession, context: grpc.aio.ServicerContext) -> None:
-        owner = self._identify(request.token if request.HasField("token") else None, "open",
-                               request.session_id.encode())
+    async def _serve_client(self, message: pb.OpenSession, context: grpc.aio.ServicerContext) -> None:
+        request = OpenSession.from_proto(message, self.sessions.limits)
+        owner = self._identify(request.token, "open", request.session_id.encode())
         session = await self.sessions.open(request, owner)
         reader: asyncio.Task[None] | None = None
         try:
@@ -227,19 +218,19 @@ class PeerServicer(pb_grpc.PeerServicer):
         if session.forwarder is not None:
             session.forwarder.close()
             session.forwarder = None
-        session.next = relink.next if relink.HasField("next") else None
+        session.next = NextHop.from_proto(relink.next) if relink.HasField("next") else None
         session.upstream_peer_id = relink.upstream_peer_id
         if session.next is not None:
             session.forwarder = self._forwarder(session.next)
 
-    def _forwarder(self, next_hop: pb.NextHop) -> Forwarder:
+    def _forwarder(self, next_hop: NextHop) -> Forwarder:
         forwarder = Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
         if not self.config.peer_filter.admits(next_hop.peer_id):
             # Not an error of the client's: outputs go back to it (forward_error), and it links around.
             forwarder.broken = f"this peer does not forward to {next_hop.peer_id[:64]!r}: its peer filter refuses it"
         return forwarder
 
-    def _channel_to(self, next_hop: pb.NextHop) -> grpc.aio.Channel:
+    def _channel_to(self, next_hop: NextHop) -> grpc.aio.Channel:
         key = (next_hop.address, next_hop.tls_cert)
         channel = self._channels.get(key)
         if channel is None:
@@ -255,16 +246,17 @@ class PeerServicer(pb_grpc.PeerServicer):
         async with session.step_lock:
             await self._step_locked(session, step)
 
-    async def _step_locked(self, session: Session, step: pb.Step) -> None:
-        self.sessions.account_input(session, len(step.hidden.data))
-        hidden = decode(step.hidden, self.limits)
-        self._check_hidden(hidden, session.batch_size)
+    async def _step_locked(self, session: Session, message: pb.Step) -> None:
+        self.sessions.account_input(session, len(message.hidden.data))
+        step = Step.from_proto(message, self.limits, batch=session.batch_size, width=self.hidden_size,
+                               max_length=session.max_length)
+        hidden = step.hidden.tensor
         start = step.start_position
-        rope_lengths = self.sessions.rope_lengths(session, step, hidden.shape[1])  # checked before pages are paid
+        rope_lengths = self.sessions.rope_lengths(session, step)
         capacity = self.sessions.prepare_step(session, start, hidden.shape[1])
         if session.outputs is not None:
             session.outputs.truncate(start)
-        whole_input_digest = tensor_digest(step.hidden)
+        whole_input_digest = step.hidden.digest
         chunks: asyncio.Queue[_Chunk] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -284,8 +276,8 @@ class PeerServicer(pb_grpc.PeerServicer):
         async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):
             while done < hidden.shape[1]:
                 chunk = await chunks.get()
-                if chunk.error is not None:
-                    raise InvalidRequestError(f"the step could not be computed: {chunk.error}") from chunk.error
+                if chunk.error is not None:  # this peer's failure, not the request's: the client routes around it
+                    raise ComputeError(f"the step could not be computed here: {chunk.error}") from chunk.error
                 assert chunk.output is not None
                 one_chunk = chunk.positions == hidden.shape[1]
                 input_digest = whole_input_digest if one_chunk else tensor_digest(
@@ -294,7 +286,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 done += chunk.positions
         session.last_used = time.monotonic()
 
-    async def _send_chunk(self, session: Session, step: pb.Step, wire: torch.dtype, chunk: _Chunk,
+    async def _send_chunk(self, session: Session, step: Step, wire: torch.dtype, chunk: _Chunk,
                           input_digest: bytes, rope_lengths: torch.Tensor | None) -> None:
         assert chunk.output is not None
         position = step.start_position + chunk.offset
@@ -311,9 +303,8 @@ class PeerServicer(pb_grpc.PeerServicer):
             attestation=attestation, queue_ms=chunk.queue_ms,
         )
         if session.forwarder is not None:
-            forwarded = pb.Step(hidden=output, start_position=position, step_id=step.step_id,
-                                step_positions=step.step_positions or step.hidden.shape[1])
-            forwarded.rope_lengths.extend(chunk_lengths)  # a chunk is not the whole call: say which call it is of
+            # A chunk is not the whole call: its rope lengths say which call it is of.
+            forwarded = Step.proto(output, position, step.step_id, step.step_positions or step.positions, chunk_lengths)
             try:
                 await session.forwarder.send(forwarded)
                 result.forwarded = True
@@ -335,8 +326,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                     f"layers {start}:{end} are not inside this peer's span "
                     f"{self.config.start_layer}:{self.config.end_layer}"
                 )
-            hidden = decode(request.hidden, self.limits)
-            self._check_hidden(hidden)
+            hidden = Hidden.from_proto(request.hidden, self.limits, batch=None, width=self.hidden_size).tensor
             self._check_stateless_size(hidden)
             pads = list(request.pad_lengths) or [0] * hidden.shape[0]
             if len(pads) != hidden.shape[0] or any(pad >= hidden.shape[1] for pad in pads):
@@ -369,7 +359,7 @@ class PeerServicer(pb_grpc.PeerServicer):
 
         def fail(item: WorkItem, error: BaseException) -> None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(
-                InvalidRequestError(f"the pass could not be computed: {error}")))
+                ComputeError(f"the pass could not be computed here: {error}")))
 
         self.executor.submit(WorkItem(hidden=hidden, pad_lengths=pads, layers=layers, on_chunk=finish, on_error=fail))
         async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):

@@ -9,7 +9,6 @@ sessions and so much of the pool, so one client cannot squat a peer's whole cach
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,6 @@ from brigade.kernels.cache import KVCache
 from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
 from brigade.peer.kv_cache import CachePool
-from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.errors import (
     CacheFullError,
     InvalidRequestError,
@@ -28,8 +26,8 @@ from brigade.protocol.errors import (
     QuotaExceededError,
     SessionLengthError,
 )
+from brigade.protocol.messages import NextHop, OpenSession, SessionLimits, Step
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 OUTBOX_SIZE = 256  # results waiting to be written to a session's client; more means the client stopped reading
 
 
@@ -82,7 +80,7 @@ class Session:
     reserved_pages: int
     owner: str = ""  # client identity that opened it ("" in --insecure swarms)
     upstream_peer_id: str = ""  # the previous hop, allowed to push steps in (forwarding)
-    next: pb.NextHop | None = None  # where outputs go instead of back to the client
+    next: NextHop | None = None  # where outputs go instead of back to the client
     outputs: OutputHistory | None = None  # kept outputs (keep_outputs)
     max_bytes: int = 0  # input bytes this session may send in all
     bytes_received: int = 0
@@ -118,7 +116,7 @@ class SessionManager:
         self._owner_sessions: dict[str, int] = {}
 
     # -- opening ---------------------------------------------------------------------------------
-    async def open(self, request: pb.OpenSession, owner: str = "") -> Session:
+    async def open(self, request: OpenSession, owner: str = "") -> Session:
         """Admits a session, waiting up to the client's open_timeout_s for cache pages to free up."""
         self._check_open(request, owner)
         capacity = min(request.max_length, self.pool.page_tokens)
@@ -147,7 +145,7 @@ class SessionManager:
         except BaseException:
             self._release_pages(pages)
             raise
-        pads = list(request.pad_lengths) or [0] * request.batch_size
+        pads = list(request.pad_lengths)
         session = Session(
             session_id=request.session_id,
             start=request.start_layer,
@@ -159,7 +157,7 @@ class SessionManager:
             reserved_pages=pages,
             owner=owner,
             upstream_peer_id=request.upstream_peer_id,
-            next=request.next if request.HasField("next") else None,
+            next=request.next,
             outputs=OutputHistory(request.batch_size, self.args.hidden_size, torch.float32)
             if request.keep_outputs else None,
             max_bytes=self._session_byte_cap(request),
@@ -169,44 +167,27 @@ class SessionManager:
         self._owner_sessions[owner] = self._owner_sessions.get(owner, 0) + 1
         return session
 
-    def _session_byte_cap(self, request: pb.OpenSession) -> int:
+    def _session_byte_cap(self, request: OpenSession) -> int:
         """What a session may send in all: its whole span four times over (prefill, replays, rollbacks)."""
         if self.config.max_session_bytes is not None:
             return self.config.max_session_bytes
         return 4 * request.batch_size * request.max_length * self.args.hidden_size * 4
 
-    def _check_open(self, request: pb.OpenSession, owner: str) -> None:
+    @property
+    def limits(self) -> SessionLimits:
+        """What this peer admits, for ``OpenSession.from_proto``."""
+        positions = self.args.max_position_embeddings
+        return SessionLimits(start_layer=self.config.start_layer or 0, end_layer=self.config.end_layer or 0,
+                             max_batch_size=self.config.max_batch_size,
+                             max_length=min(self.config.max_session_length, positions),
+                             peer_max_length=self.config.max_session_length, model_positions=positions)
+
+    def _check_open(self, request: OpenSession, owner: str) -> None:
+        """What can change while a session waits for pages (the request itself was checked at from_proto)."""
         if not self.accepting:
             raise PeerLeavingError("this peer is shutting down and accepts no new sessions; route around it")
-        if not SESSION_ID.match(request.session_id):
-            raise InvalidRequestError("session_id must be 8 to 64 characters of [A-Za-z0-9_-]")
         if request.session_id in self.sessions:
             raise InvalidRequestError(f"session {request.session_id} is already open")
-        start, end = request.start_layer, request.end_layer
-        if not self.config.start_layer <= start < end <= self.config.end_layer:
-            raise InvalidRequestError(
-                f"layers {start}:{end} are not inside this peer's span "
-                f"{self.config.start_layer}:{self.config.end_layer}"
-            )
-        if not 1 <= request.batch_size <= self.config.max_batch_size:
-            raise InvalidRequestError(f"batch_size must be in [1, {self.config.max_batch_size}]")
-        max_length = min(self.config.max_session_length, self.args.max_position_embeddings)
-        if request.max_length < 1:
-            raise InvalidRequestError("max_length must be at least 1")
-        if request.max_length > max_length:
-            raise SessionLengthError(
-                f"max_length must be in [1, {max_length}] here, got {request.max_length} (prompt plus new tokens); "
-                f"this peer allows {self.config.max_session_length} (--max-session-length), the model "
-                f"{self.args.max_position_embeddings} positions")
-        pads = list(request.pad_lengths) or [0] * request.batch_size
-        if len(pads) != request.batch_size or any(pad >= request.max_length for pad in pads):
-            raise InvalidRequestError("pad_lengths needs one value per sequence, each below max_length")
-        if request.HasField("next"):
-            next_hop = request.next
-            if not SESSION_ID.match(next_hop.session_id) or not next_hop.address or len(next_hop.address) > 256:
-                raise InvalidRequestError("next hop needs an address and a valid session_id")
-            if len(next_hop.tls_cert) > 8192:
-                raise InvalidRequestError("next hop certificate is too large")
 
     def _check_share(self, owner: str, extra_pages: int, new_session: bool = False) -> None:
         """One owner may hold at most max_sessions_per_client sessions and client_cache_share of the pool."""
@@ -278,23 +259,18 @@ class SessionManager:
             f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
         )
 
-    def rope_lengths(self, session: Session, step: pb.Step, length: int) -> torch.Tensor | None:
+    def rope_lengths(self, session: Session, step: Step) -> torch.Tensor | None:
         """The call length of each of a step's positions [T], for a model whose rotary table depends on it.
 
         None for every other model (nothing to compute or forward). A step without them is a whole
-        call; values outside [1, max_length] could only ask for tables no position of this session uses.
+        call (its values were bounded by ``Step.from_proto``).
         """
         if not self.args.rope_by_length:
             return None
         if not step.rope_lengths:
-            whole = step.start_position + length - int(session.pad_lengths.min())
-            return torch.full((length,), whole, dtype=torch.long)
-        if len(step.rope_lengths) != length:
-            raise InvalidRequestError(f"rope_lengths has {len(step.rope_lengths)} values for {length} positions")
-        values = torch.tensor(list(step.rope_lengths), dtype=torch.long)
-        if int(values.min()) < 1 or int(values.max()) > session.max_length:
-            raise InvalidRequestError(f"rope_lengths must lie in [1, {session.max_length}], the session's max_length")
-        return values
+            whole = step.start_position + step.positions - int(session.pad_lengths.min())
+            return torch.full((step.positions,), whole, dtype=torch.long)
+        return torch.tensor(step.rope_lengths, dtype=torch.long)
 
     def _pages(self, capacity: int, start: int, end: int) -> int:
         """Pool pages per sequence for a cache that may reach ``capacity`` (a sliding window bounds it)."""

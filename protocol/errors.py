@@ -1,7 +1,14 @@
-"""Typed errors for remote input, each mapped to the gRPC status a peer answers with.
+"""One error taxonomy for the swarm, each error mapped to the gRPC status a peer answers with.
 
-Peers raise these for anything a client sent wrong; the servicer turns them into a status with
-a readable message and keeps serving. Clients see the same classes again via ``from_status``.
+Two kinds of fault. **The request's own** (``request_fault``): the client's input is wrong, so every
+peer would refuse it (a malformed tensor, a layer range, a length past the session). **The peer's**:
+it failed to compute, is overloaded or leaving, refused by its own policy, or answered wrongly.
+
+A peer raises these and the servicer turns them into a status with a readable message; a client
+sees them again via ``from_status``. A client never ends a user's work on a peer's word alone: it
+checks its own requests itself before sending (a wrong one is the caller's ``ValueError``), so any
+refusal or failure a peer answers with, whatever its status, bans that peer and re-routes
+(``client/hops.py``). ``BadAnswerError`` is what the client's own checks of an answer raise.
 """
 
 from __future__ import annotations
@@ -13,18 +20,33 @@ class BrigadeError(Exception):
     """Base of every error that crosses the wire with a status code."""
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    request_fault: bool = False  # True: the request itself is wrong, every peer would refuse it
+
+
+class ComputeError(BrigadeError):
+    """The peer failed to compute a step or pass (out of memory, a span being moved, a bug): its fault."""
+
+    status = grpc.StatusCode.INTERNAL
+
+
+class BadAnswerError(BrigadeError):
+    """A peer's answer is not what was asked (positions, shape, dtype, lengths): raised by the client's checks."""
+
+    status = grpc.StatusCode.DATA_LOSS
 
 
 class InvalidTensorError(BrigadeError):
     """A tensor's dtype, shape, byte count or values are not acceptable."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
+    request_fault = True
 
 
 class InvalidRequestError(BrigadeError):
     """A request is malformed: missing fields, layers outside the span, bad session id."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
+    request_fault = True
 
 
 class UnknownSessionError(BrigadeError):
@@ -34,9 +56,10 @@ class UnknownSessionError(BrigadeError):
 
 
 class SessionLengthError(BrigadeError):
-    """A step would take a session past the max_length it was opened with."""
+    """A step would take a session past the max_length it was opened with (or past what this peer allows)."""
 
     status = grpc.StatusCode.OUT_OF_RANGE
+    request_fault = True
 
 
 class CacheFullError(BrigadeError):
@@ -84,7 +107,7 @@ class MissingLayersError(Exception):
 _BY_STATUS = {
     cls.status: cls
     for cls in (InvalidRequestError, UnknownSessionError, SessionLengthError, CacheFullError, PeerLeavingError,
-                InvalidTokenError, PermissionDeniedError)
+                InvalidTokenError, PermissionDeniedError, ComputeError, BadAnswerError)
 }
 
 

@@ -28,7 +28,7 @@ from brigade.client.api.schemas import (
     SamplingFields,
 )
 from brigade.client.api.text import TextStream
-from brigade.protocol.errors import BrigadeError, InvalidRequestError, SessionLengthError
+from brigade.protocol.errors import BrigadeError
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ class ApiService:
         except TimeoutError:
             raise ApiError(504, f"the generation took longer than {self.config.request_timeout_s:.0f} s",
                            type_="server_error", code="timeout") from None
-        except (InvalidRequestError, SessionLengthError) as error:
-            raise bad_request(f"the swarm refused the request: {error}") from error
-        except BrigadeError as error:
+        except ValueError as error:  # the client's own check of this request: no peer's word
+            raise bad_request(str(error)) from error
+        except BrigadeError as error:  # peers failed or refused, whatever they said: never the request's fault
             raise ApiError(503, f"the swarm could not serve the request: {error}", type_="server_error",
                            code="swarm_unavailable") from error
         finally:

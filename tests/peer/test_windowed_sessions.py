@@ -11,8 +11,8 @@ from brigade.kernels.cache import ring_size
 from brigade.kernels.families import model_args
 from brigade.peer.config import PeerConfig
 from brigade.peer.sessions import SessionManager
-from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.errors import CacheFullError
+from brigade.protocol.messages import OpenSession
 
 POOL = 256  # positions: 4 pages of 64
 LENGTH = 512  # the tiny models' max_position_embeddings
@@ -23,9 +23,9 @@ def _manager(family: str) -> SessionManager:
     return SessionManager(config, model_args(build_model(family).config), torch.float32, "cpu")
 
 
-def _open(index: int) -> pb.OpenSession:
-    return pb.OpenSession(session_id=f"session-{index:04d}", start_layer=0, end_layer=6, batch_size=1,
-                          max_length=LENGTH)
+def _open(index: int) -> OpenSession:
+    return OpenSession(session_id=f"session-{index:04d}", start_layer=0, end_layer=6, batch_size=1,
+                       max_length=LENGTH, pad_lengths=(0,), open_timeout_s=0.0)
 
 
 def _grow_to(manager: SessionManager, session, length: int) -> None:

@@ -145,7 +145,8 @@ def test_relay_fields_are_signed_checked_and_optional() -> None:
 
 
 def test_clients_skip_unreachable_peers_without_a_relay() -> None:
-    swarm = RemoteSwarm(ClientConfig(allow_insecure=True), "m", 4)  # the test records carry no certificate
+    # The test records carry no certificate.
+    swarm = RemoteSwarm(ClientConfig(allow_insecure=True), "m", 4, hidden_size=64)
     assert swarm._usable(record(0, reachable=False, relay=IDS[1].peer_id))
     assert not swarm._usable(record(0, reachable=False))
     assert swarm._usable(record(0, reachable=None)) and swarm._usable(record(0, reachable=True))

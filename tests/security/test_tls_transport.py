@@ -80,7 +80,7 @@ def impostor(security_swarm: SecuritySwarm) -> Iterator[Impostor]:
 def test_a_certificate_that_does_not_match_the_record_is_refused(
     security_swarm: SecuritySwarm, impostor: Impostor
 ) -> None:
-    swarm = RemoteSwarm(ClientConfig(), str(security_swarm.guard.info["model_name"]), 6)
+    swarm = RemoteSwarm(ClientConfig(), str(security_swarm.guard.info["model_name"]), 6, hidden_size=64)
 
     async def open_hop() -> None:
         try:

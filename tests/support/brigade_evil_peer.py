@@ -10,7 +10,10 @@ honest peer, so only a re-run elsewhere can tell. ``lie:S`` computes honestly bu
 kept outputs (``History``, what a check reads) with noise of ``S`` times their RMS: what a peer
 would do to make a check compare something other than what it sent. ``rope:K`` computes and signs
 honestly but forwards rope lengths (``Step.rope_lengths``) off by ``K``, so that the next hop computes
-wrongly. ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
+wrongly. ``refuse:invalid`` / ``refuse:range`` answers every step with INVALID_ARGUMENT / OUT_OF_RANGE
+(a request's own fault, which it is not); ``crash:`` fails every pass as an out-of-memory would;
+``short-history:K`` returns K positions fewer than asked from ``History``.
+``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
 from __future__ import annotations
@@ -89,9 +92,41 @@ def _forward_other_rope_lengths(shift: int) -> None:
     Forwarder.send = framing_send  # type: ignore[method-assign]
 
 
+def _refuse_every_step(status: str) -> None:
+    """Answers every step with the status of a request's own fault (INVALID_ARGUMENT or OUT_OF_RANGE)."""
+    from brigade.peer.servicer import PeerServicer
+    from brigade.protocol.errors import InvalidRequestError, SessionLengthError
+
+    error = {"invalid": InvalidRequestError, "range": SessionLengthError}[status]
+
+    async def refusing_step(self: PeerServicer, session, message) -> None:
+        raise error("this peer says the request is wrong (it is not)")
+
+    PeerServicer._step_locked = refusing_step  # type: ignore[method-assign]
+
+
+def _fail_to_compute() -> None:
+    """Every pass over the span raises, as an out-of-memory or a half-moved span would."""
+
+    def failing_forward(self: SpanExecutor, plan: list) -> list[torch.Tensor]:
+        raise RuntimeError("CUDA out of memory (pretend)")
+
+    SpanExecutor._forward = failing_forward  # type: ignore[method-assign]
+
+
+def _truncate_history(missing: int) -> None:
+    """Computes honestly, but hands back ``missing`` positions fewer than asked from History."""
+    honest_read = OutputHistory.read
+
+    def short_read(self: OutputHistory, start: int, end: int) -> torch.Tensor:
+        return honest_read(self, start, end)[:, : max(0, end - start - missing)]
+
+    OutputHistory.read = short_read  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
-        raise SystemExit("usage: brigade_evil_peer.py --cheat noise:S|skip:K|lie:S|rope:K <brigade arguments>")
+        raise SystemExit("usage: brigade_evil_peer.py --cheat KIND:VALUE <brigade arguments> (see the docstring)")
     kind, _, value = argv[1].partition(":")
     if kind == "noise":
         _add_noise(float(value))
@@ -101,8 +136,15 @@ def main(argv: list[str]) -> None:
         _lie_about_history(float(value))
     elif kind == "rope":
         _forward_other_rope_lengths(int(value))
+    elif kind == "refuse":
+        _refuse_every_step(value)
+    elif kind == "crash":
+        _fail_to_compute()
+    elif kind == "short-history":
+        _truncate_history(int(value))
     else:
-        raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S or rope:K")
+        raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S, rope:K, refuse:invalid|range, "
+                         "crash: or short-history:K")
     app(args=argv[2:], prog_name="brigade")
 
 

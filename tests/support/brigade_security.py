@@ -36,7 +36,7 @@ class SecuritySwarm:
     def read_records(self, **options: Any) -> tuple[RemoteSwarm, list[PeerRecord]]:
         """The records a client with ``options`` reads (after its allow/block lists), and its swarm view."""
         config = ClientConfig(initial_peers=tuple(self.initial_peers), **options)
-        swarm = RemoteSwarm(config, str(self.guard.info["model_name"]), 6)
+        swarm = RemoteSwarm(config, str(self.guard.info["model_name"]), 6, hidden_size=64)
 
         async def read() -> list[PeerRecord]:
             await swarm.start()
