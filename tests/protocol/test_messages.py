@@ -81,7 +81,7 @@ def _step(hidden: torch.Tensor, start: int = 0, rope: list[int] | None = None) -
     (torch.zeros(2, 3, WIDTH), 0, [1, 2], InvalidRequestError, "2 values for 3"),
     (torch.zeros(2, 3, WIDTH), 0, [1, 2, 33], InvalidRequestError, "must lie in"),
 ], ids=["rank", "empty", "width", "batch", "nan", "too-far", "rope-count", "rope-value"])
-def test_malformed_steps_are_the_requests_fault(hidden, start, rope, error, match) -> None:  # noqa: ANN001
+def test_malformed_steps_are_the_requests_fault(hidden, start, rope, error, match) -> None:
     with pytest.raises(error, match=match):
         _step(hidden, start, rope)
 
