@@ -31,9 +31,9 @@ def demo(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from brigade.client.cli import run_generation
+    from brigade.deploy.launcher import LocalSwarm
     from brigade.kernels.default_model import DEFAULT_MODEL_DIR
     from brigade.kernels.loading import load_config
-    from brigade.peer.launcher import LocalSwarm
 
     model = model or str(DEFAULT_MODEL_DIR)
     num_layers = load_config(model).num_hidden_layers

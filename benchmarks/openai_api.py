@@ -28,9 +28,9 @@ from transformers import AutoTokenizer
 
 from brigade.client import DistributedModelForCausalLM
 from brigade.demo import split_layers
+from brigade.deploy.launcher import LocalSwarm
 from brigade.kernels.default_model import DEFAULT_MODEL_DIR
 from brigade.kernels.loading import load_config
-from brigade.peer.launcher import LocalSwarm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from brigade_api_testkit import start_api_server, stop_api_server

@@ -37,7 +37,7 @@ from decode_latency import SHAPES, build_checkpoint
 from brigade.client import DistributedModelForCausalLM
 from brigade.client.session import InferenceSession
 from brigade.demo import split_layers
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 SETUPS = {
     "sequential": dict(forwarding=False, pipeline_prefill=False),

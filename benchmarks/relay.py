@@ -40,7 +40,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=8,

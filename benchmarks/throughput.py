@@ -35,7 +35,7 @@ from decode_latency import SHAPES, build_checkpoint
 from brigade.client import DistributedModelForCausalLM
 from brigade.client.session import InferenceSession
 from brigade.demo import split_layers
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 
 

@@ -1,4 +1,5 @@
-"""Running brigade outside a developer's terminal: the multi-host testbed and its link emulation.
+"""Running brigade outside a developer's terminal: local swarms of processes (``launcher``), the
+multi-host testbed and its link emulation.
 
 Containers, compose files and service units live beside this package as plain files.
 """

@@ -1,10 +1,18 @@
-"""The one configuration of a peer process; the CLI builds it, everything else reads it."""
+"""The one configuration of a peer process; the CLI builds it, everything else reads it.
+
+A config checks itself when it is made (``__post_init__``), so every way of building one (the
+CLI, tests, ``dataclasses.replace``) meets the same rules; errors name the field and its flag.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from brigade.routing.peer_filter import PeerFilter
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "nf4")
+REACHABILITY = ("auto", "direct", "relayed")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,51 @@ class PeerConfig:
     relay_max_connections: int = 128  # client connections relayed at once, all relayed peers together
     relay_max_connections_per_peer: int = 32  # ... and for one relayed peer
     relay_max_bytes_per_hour: int = 4 << 30  # bytes relayed per relayed peer per clock hour; 0 = no cap
+    # Start-up
+    ready_file: str | None = None  # JSON file written (atomically) once the peer serves and is announced; None = none
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first field (and its ``brigade peer run`` flag) that is out of range."""
+        from brigade.peer.throughput import parse_throughput_option  # torch-heavy: only when a config is made
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        require(self.dtype in DTYPES, f"dtype (--dtype) must be float32, bfloat16 or float16, got {self.dtype!r}")
+        require(self.quantization in QUANTIZATIONS,
+                f"quantization (--quant) must be none, int8 or nf4, got {self.quantization!r}")
+        if self.start_layer is not None and self.end_layer is not None:
+            require(0 <= self.start_layer < self.end_layer,
+                    f"layers (--layers) must be START:END with 0 <= START < END, "
+                    f"got {self.start_layer}:{self.end_layer}")
+        parse_throughput_option(self.throughput)
+        require(self.span_length is None or self.span_length >= 1,
+                f"span_length (--num-layers) must be at least 1, got {self.span_length}")
+        for name, port, flag in (("port", self.port, "--port"), ("relay_port", self.relay_port, "--relay-port")):
+            require(0 <= port < 65536, f"{name} ({flag}) must be a port number, got {port}")
+        for name, port, flag in (("announce_port", self.announce_port, "--announce-port"),
+                                 ("relay_announce_port", self.relay_announce_port, "--relay-announce-port")):
+            require(port is None or 0 < port < 65536, f"{name} ({flag}) must be a port number, got {port}")
+        require(0 <= self.rebalance_min_gain < 10,
+                f"rebalance_min_gain (--rebalance-gain) must be in [0, 10), got {self.rebalance_min_gain}")
+        require(self.reachability in REACHABILITY,
+                f"reachability (--reachability) must be auto, direct or relayed, got {self.reachability!r}")
+        require(self.relay_max_peers >= 1 and self.relay_max_connections >= 1,
+                "relay_max_peers and relay_max_connections (--relay-max-peers, --relay-max-connections) must be "
+                "at least 1")
+        require(self.relay_max_bytes_per_hour >= 0,
+                f"relay_max_bytes_per_hour (--relay-max-bytes) must be >= 0, got {self.relay_max_bytes_per_hour}")
+        require(self.max_session_length >= 1,
+                f"max_session_length (--max-session-length) must be at least 1, got {self.max_session_length}")
+        require(self.client_cache_share > 0,
+                f"client_cache_share (--client-cache-share) must be positive, got {self.client_cache_share}")
+        require(self.cache_page_tokens > 0, f"cache_page_tokens must be positive, got {self.cache_page_tokens}")
+        require(self.cache_tokens is None or self.cache_tokens > 0,
+                f"cache_tokens (--cache-tokens) must be positive, got {self.cache_tokens}")
 
     @property
     def peer_filter(self) -> PeerFilter:

@@ -209,6 +209,9 @@ class SpanExecutor:
             if cache is not None and item.done == 0:
                 if item.start_position < cache.length:
                     cache.truncate(item.start_position)
+                if item.capacity > session.paid_capacity:  # prepare_step pays first: a bug, not the client's
+                    raise RuntimeError(f"cache growth to {item.capacity} positions was not paid for "
+                                       f"({session.paid_capacity} are)")
                 cache.grow(item.capacity)
             chunk = self.to_device(item.hidden[:, item.done : item.done + positions])
             lengths = None if item.rope_lengths is None else item.rope_lengths[item.done : item.done + positions]

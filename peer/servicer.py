@@ -26,6 +26,7 @@ from brigade.peer.executor import SpanExecutor
 from brigade.peer.forwarding import Forwarder, ForwardError
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
+from brigade.peer.unary import STEP_COMPUTE_TIMEOUT_S, UnaryRpcs, refuse
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.attestation import attest, rope_digest, tensor_digest
@@ -35,18 +36,15 @@ from brigade.protocol.errors import (
     ComputeError,
     InvalidRequestError,
     PermissionDeniedError,
-    SessionLengthError,
     UnknownSessionError,
 )
 from brigade.protocol.identity import Identity
-from brigade.protocol.messages import Hidden, NextHop, OpenSession, Step
-from brigade.protocol.records import PROTOCOL_VERSION
+from brigade.protocol.messages import NextHop, OpenSession, Step
 from brigade.protocol.tensors import TensorLimits, encode
 from brigade.protocol.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
 
-STEP_COMPUTE_TIMEOUT_S = 600.0  # longest one step may take on the compute thread (a huge prefill on a slow CPU)
 _EOF = object()  # outbox marker: the client finished; end its stream after what is queued
 
 
@@ -60,7 +58,7 @@ class _Chunk:
     error: BaseException | None = None
 
 
-class PeerServicer(pb_grpc.PeerServicer):
+class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
     def __init__(
         self,
         config: PeerConfig,
@@ -101,7 +99,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             async with asyncio.timeout(self.config.session_idle_timeout_s):
                 first = await context.read()
         except TimeoutError:
-            await _refuse(context, _IdleError("no request on a new stream"))
+            await refuse(context, _IdleError("no request on a new stream"))
             return
         if first is grpc.aio.EOF:
             return
@@ -118,7 +116,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 raise InvalidRequestError("a stream must start with open (a client) or attach (a previous hop)")
         except BrigadeError as error:
             logger.info("inference stream refused: %s", error)
-            await _refuse(context, error)
+            await refuse(context, error)
 
     async def _serve_client(self, message: pb.OpenSession, context: grpc.aio.ServicerContext) -> None:
         request = OpenSession.from_proto(message, self.sessions.limits)
@@ -253,7 +251,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         hidden = step.hidden.tensor
         start = step.start_position
         rope_lengths = self.sessions.rope_lengths(session, step)
-        capacity = self.sessions.prepare_step(session, start, hidden.shape[1])
+        capacity = self.sessions.prepare_step(session, start, hidden.shape[1], hidden.dtype)
         if session.outputs is not None:
             session.outputs.truncate(start)
         whole_input_digest = step.hidden.digest
@@ -316,96 +314,6 @@ class PeerServicer(pb_grpc.PeerServicer):
             result.hidden.CopyFrom(output)
         _post(session, pb.InferenceResponse(result=result))
 
-    # -- unary RPCs --------------------------------------------------------------------------------
-    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
-        try:
-            self._identify(request.token if request.HasField("token") else None, "forward", b"")
-            start, end = request.start_layer, request.end_layer
-            if not self.config.start_layer <= start < end <= self.config.end_layer:
-                raise InvalidRequestError(
-                    f"layers {start}:{end} are not inside this peer's span "
-                    f"{self.config.start_layer}:{self.config.end_layer}"
-                )
-            hidden = Hidden.from_proto(request.hidden, self.limits, batch=None, width=self.hidden_size).tensor
-            self._check_stateless_size(hidden)
-            pads = list(request.pad_lengths) or [0] * hidden.shape[0]
-            if len(pads) != hidden.shape[0] or any(pad >= hidden.shape[1] for pad in pads):
-                raise InvalidRequestError("pad_lengths needs one value per sequence, each below its length")
-            output, compute_ms = await self._stateless(hidden, torch.tensor(pads), (start, end))
-            return pb.ForwardResponse(hidden=encode(output, hidden.dtype), compute_ms=compute_ms)
-        except BrigadeError as error:
-            logger.info("forward refused: %s", error)
-            await _refuse(context, error)
-            return pb.ForwardResponse()  # nobody reads it: the client has gone
-
-    def _check_stateless_size(self, hidden: torch.Tensor) -> None:
-        """A stateless pass is bounded like a session: its bytes alone would admit a pass whose
-        attention costs hours of compute (a few MiB of a narrow model's hidden states, 10^5 positions)."""
-        max_length = min(self.config.max_session_length, self.sessions.args.max_position_embeddings)
-        if hidden.shape[1] > max_length:
-            raise SessionLengthError(
-                f"a stateless pass of {hidden.shape[1]} positions is longer than this peer's max length {max_length}")
-        if hidden.shape[0] > self.config.max_batch_size:
-            raise InvalidRequestError(
-                f"batch of {hidden.shape[0]} is over this peer's limit {self.config.max_batch_size}")
-
-    async def _stateless(self, hidden: torch.Tensor, pads: torch.Tensor,
-                         layers: tuple[int, int]) -> tuple[torch.Tensor, float]:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[torch.Tensor, float]] = loop.create_future()
-
-        def finish(item: WorkItem, output: torch.Tensor, offset: int, positions: int, compute_ms: float) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result((output, compute_ms)))
-
-        def fail(item: WorkItem, error: BaseException) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(
-                ComputeError(f"the pass could not be computed here: {error}")))
-
-        self.executor.submit(WorkItem(hidden=hidden, pad_lengths=pads, layers=layers, on_chunk=finish, on_error=fail))
-        async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):
-            return await done
-
-    async def History(self, request: pb.HistoryRequest, context: grpc.aio.ServicerContext) -> pb.HistoryResponse:
-        try:
-            session = self.sessions.sessions.get(request.session_id)
-            if session is None:
-                raise UnknownSessionError(f"unknown session {request.session_id!r}")
-            requester = self._identify(request.token if request.HasField("token") else None, "history",
-                                       request.session_id.encode())
-            if requester != session.owner:
-                raise PermissionDeniedError("only the client that opened a session may read its outputs")
-            if session.outputs is None:
-                raise InvalidRequestError("this session was opened without keep_outputs")
-            return pb.HistoryResponse(hidden=encode(session.outputs.read(request.start, request.end)))
-        except BrigadeError as error:
-            await _refuse(context, error)
-            return pb.HistoryResponse()  # nobody reads it: the client has gone
-
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        extra = self._info_extra()
-        return pb.InfoResponse(
-            peer_id=self.peer_id,
-            model_name=self.model_name,
-            start_layer=self.config.start_layer,
-            end_layer=self.config.end_layer,
-            num_layers=self.sessions.args.num_layers,
-            hidden_size=self.hidden_size,
-            dtype=self.config.dtype,
-            quantization=self.config.quantization,
-            version=PROTOCOL_VERSION,
-            max_length=min(self.config.max_session_length, self.sessions.args.max_position_embeddings),
-            free_cache_tokens=self.sessions.pool.free_tokens,
-            open_sessions=len(self.sessions.sessions),
-            state="online" if self.sessions.accepting else "leaving",
-            throughput=float(extra.get("throughput", 0.0)),
-            software_version=str(extra.get("software_version", "")),
-            started_at=float(extra.get("started_at", 0.0)),
-            cache_tokens=self.sessions.pool.capacity_tokens,
-            compute_passes=self.executor.passes,
-            computed_steps=self.executor.batched_items,
-            compute_seconds=self.executor.compute_seconds,
-        )
-
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
@@ -414,24 +322,6 @@ class PeerServicer(pb_grpc.PeerServicer):
 
 class _IdleError(BrigadeError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-async def _refuse(context: grpc.aio.ServicerContext, error: BrigadeError) -> None:
-    """Ends the call with ``error``'s status and message (gRPC's abort raises); returns only when the
-    client has already gone (cancelled, disconnected) and there is no one left to tell.
-
-    Aborting such a call fails inside gRPC (InternalError, which gRPC would log as an error of the
-    servicer), so that case is checked first, and the race where the client leaves meanwhile caught.
-    """
-    if context.cancelled():
-        logger.debug("the client left before it could be told: %s", error)
-        return
-    try:
-        await context.abort(error.status, str(error))
-    except grpc.aio.InternalError:
-        if not (context.cancelled() or context.done()):
-            raise
-        logger.debug("the client left while it was told: %s", error)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -1,9 +1,12 @@
-"""Inference sessions on a peer: what a client may ask for, whose it is, and its cache memory.
+"""Inference sessions on a peer: what a client may ask for, whose it is, and what it holds.
 
 A session belongs to the stream that opened it and dies with it. Its cache starts at one page
-per sequence and grows geometrically, each growth paid for from the pool first. Every session
-has an owner (the client identity that signed its open): one owner may hold only so many
-sessions and so much of the pool, so one client cannot squat a peer's whole cache.
+per sequence and grows geometrically; its kept outputs (when it asked for them) grow with it.
+Every byte of both is granted by the KV cache manager (``peer/kv_cache.py``) before any buffer
+grows; this module decides what a refusal means: a new session waits for pages up to its
+``open_timeout_s``, a step that cannot grow is refused, and a client past its share is refused
+at once. Every session has an owner (the client identity that signed its open): one owner may
+hold only so many sessions and so much of the pool, so one client cannot squat a peer's cache.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from typing import Any
 import torch
 
 from brigade.kernels.cache import KVCache
+from brigade.kernels.memory import kv_bytes_per_token
 from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
-from brigade.peer.kv_cache import CachePool
+from brigade.peer.kv_cache import Allocation, KVCacheManager, Shortfall
+from brigade.peer.outputs import OutputHistory
 from brigade.protocol.errors import (
     CacheFullError,
     InvalidRequestError,
@@ -29,43 +34,7 @@ from brigade.protocol.errors import (
 from brigade.protocol.messages import NextHop, OpenSession, SessionLimits, Step
 
 OUTBOX_SIZE = 256  # results waiting to be written to a session's client; more means the client stopped reading
-
-
-class OutputHistory:
-    """A session's outputs by position, kept for its client (replay after a failover, result checks).
-
-    Stored in the wire dtype as sent, so what History returns hashes the same as what was
-    forwarded. Grows like the cache and is truncated with it on rollback.
-    """
-
-    def __init__(self, batch: int, hidden_size: int, dtype: torch.dtype):
-        self._buffer = torch.empty(batch, 0, hidden_size, dtype=dtype)
-        self.length = 0
-
-    def write(self, start: int, output: torch.Tensor) -> None:
-        end = start + output.shape[1]
-        if start > self.length:
-            raise ValueError(f"output at position {start} leaves a gap after {self.length}")
-        if output.dtype != self._buffer.dtype:
-            self._buffer = self._buffer.to(output.dtype)
-        if end > self._buffer.shape[1]:
-            grown = self._buffer.new_empty(self._buffer.shape[0], max(end, 2 * self._buffer.shape[1]),
-                                           self._buffer.shape[2])
-            grown[:, : self.length] = self._buffer[:, : self.length]
-            self._buffer = grown
-        self._buffer[:, start:end] = output
-        self.length = end
-
-    def read(self, start: int, end: int) -> torch.Tensor:
-        if not 0 <= start < end <= self.length:
-            raise InvalidRequestError(f"positions {start}:{end} are not among the {self.length} kept")
-        return self._buffer[:, start:end]
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)
-
-    def nbytes(self) -> int:
-        return self._buffer.numel() * self._buffer.element_size()
+OUTPUT_DTYPE = torch.float32  # kept outputs before the first step names its wire dtype (the widest one)
 
 
 @dataclass
@@ -77,7 +46,8 @@ class Session:
     max_length: int
     pad_lengths: torch.Tensor  # [B] int64
     cache: KVCache
-    reserved_pages: int
+    allocation: Allocation  # the pages it holds (cache and kept outputs), granted by the KV cache manager
+    paid_capacity: int  # positions the cache may grow to: paid for, so the compute thread may grow it
     owner: str = ""  # client identity that opened it ("" in --insecure swarms)
     upstream_peer_id: str = ""  # the previous hop, allowed to push steps in (forwarding)
     next: NextHop | None = None  # where outputs go instead of back to the client
@@ -101,35 +71,46 @@ class Session:
 
 
 class SessionManager:
-    """Opens, grows and closes sessions against one cache pool, with a share per owner."""
+    """Opens, grows and closes sessions, paying for what they hold through one KV cache manager."""
 
     def __init__(self, config: PeerConfig, args: ModelArgs, dtype: torch.dtype, device: str):
         self.config = config
         self.args = args
         self.dtype = dtype
         self.device = device
-        self.pool = CachePool(config.cache_tokens, config.cache_page_tokens)
+        layers = (config.end_layer - config.start_layer if config.start_layer is not None
+                  and config.end_layer is not None else args.num_layers)
+        if config.cache_tokens is None:
+            raise ValueError("the KV cache size (cache_tokens) must be planned before sessions are served")
+        self.kv = KVCacheManager(config.cache_tokens, config.cache_page_tokens,
+                                 position_bytes=kv_bytes_per_token(args, dtype.itemsize, max(layers, 1)),
+                                 client_share=config.client_cache_share,
+                                 max_sessions_per_client=config.max_sessions_per_client)
         self.sessions: dict[str, Session] = {}
         self.accepting = True
         self._freed = asyncio.Event()  # set whenever pages go back to the pool
-        self._owner_pages: dict[str, int] = {}
-        self._owner_sessions: dict[str, int] = {}
 
     # -- opening ---------------------------------------------------------------------------------
     async def open(self, request: OpenSession, owner: str = "") -> Session:
         """Admits a session, waiting up to the client's open_timeout_s for cache pages to free up."""
         self._check_open(request, owner)
-        capacity = min(request.max_length, self.pool.page_tokens)
-        pages = self._pages(capacity, request.start_layer, request.end_layer) * request.batch_size
-        self._check_share(owner, pages, new_session=True)
+        capacity = min(request.max_length, self.kv.page_tokens)
+        cache_pages = self._pages(capacity, request.start_layer, request.end_layer) * request.batch_size
+        output_pages = (self._output_pages(request.batch_size, capacity, OUTPUT_DTYPE)
+                        if request.keep_outputs else 0)
+        pages = cache_pages + output_pages
+        allocation = Allocation(owner)
         wait_s = min(max(request.open_timeout_s, 0.0), self.config.max_admission_wait_s)
         deadline = time.monotonic() + wait_s
-        while not self.pool.try_reserve(pages):
+        while self.kv.allocate(allocation, cache_pages=cache_pages, output_pages=output_pages) is None:
+            shortfall = self.kv.shortfall(allocation, pages)
+            if shortfall in (Shortfall.SESSIONS, Shortfall.SHARE):
+                raise self._quota_error(allocation, pages, shortfall)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CacheFullError(
-                    f"KV cache is full: a new session needs {pages * self.pool.page_tokens} positions, "
-                    f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
+                    f"KV cache is full: a new session needs {pages * self.kv.page_tokens} positions, "
+                    f"{self.kv.free_tokens} of {self.kv.capacity_tokens} are free; retry later or use another peer"
                 )
             self._freed.clear()
             try:
@@ -138,33 +119,32 @@ class SessionManager:
             except TimeoutError:
                 pass
             self._check_open(request, owner)  # the peer may have started draining meanwhile
-            self._check_share(owner, pages, new_session=True)
         try:
             cache = self.args.new_cache(request.start_layer, request.end_layer, request.batch_size, capacity,
                                         self.dtype, self.device)
         except BaseException:
-            self._release_pages(pages)
+            self._free(allocation)
             raise
-        pads = list(request.pad_lengths)
+        outputs = (OutputHistory(request.batch_size, self.args.hidden_size, OUTPUT_DTYPE,
+                                 paid_bytes=allocation.output_pages * self.kv.page_bytes)
+                   if request.keep_outputs else None)
         session = Session(
             session_id=request.session_id,
             start=request.start_layer,
             end=request.end_layer,
             batch_size=request.batch_size,
             max_length=request.max_length,
-            pad_lengths=torch.tensor(pads, dtype=torch.long, device=self.device),
+            pad_lengths=torch.tensor(list(request.pad_lengths), dtype=torch.long, device=self.device),
             cache=cache,
-            reserved_pages=pages,
+            allocation=allocation,
+            paid_capacity=capacity,
             owner=owner,
             upstream_peer_id=request.upstream_peer_id,
             next=request.next,
-            outputs=OutputHistory(request.batch_size, self.args.hidden_size, torch.float32)
-            if request.keep_outputs else None,
+            outputs=outputs,
             max_bytes=self._session_byte_cap(request),
         )
         self.sessions[session.session_id] = session
-        self._owner_pages[owner] = self._owner_pages.get(owner, 0) + pages
-        self._owner_sessions[owner] = self._owner_sessions.get(owner, 0) + 1
         return session
 
     def _session_byte_cap(self, request: OpenSession) -> int:
@@ -189,23 +169,20 @@ class SessionManager:
         if request.session_id in self.sessions:
             raise InvalidRequestError(f"session {request.session_id} is already open")
 
-    def _check_share(self, owner: str, extra_pages: int, new_session: bool = False) -> None:
-        """One owner may hold at most max_sessions_per_client sessions and client_cache_share of the pool."""
-        if not owner:
-            return
-        if new_session and self._owner_sessions.get(owner, 0) >= self.config.max_sessions_per_client:
-            raise QuotaExceededError(
+    def _quota_error(self, allocation: Allocation, extra_pages: int, shortfall: Shortfall) -> QuotaExceededError:
+        """What a client past one of its limits is told: max_sessions_per_client or client_cache_share."""
+        owner = allocation.owner
+        if shortfall is Shortfall.SESSIONS:
+            return QuotaExceededError(
                 f"client {owner} already holds {self.config.max_sessions_per_client} sessions here, its limit; "
                 "close some or use other peers"
             )
-        share_pages = int(self.pool.capacity_pages * self.config.client_cache_share)
-        held = self._owner_pages.get(owner, 0)
-        if held + extra_pages > max(share_pages, 1):
-            raise QuotaExceededError(
-                f"client {owner} would hold {(held + extra_pages) * self.pool.page_tokens} of "
-                f"{self.pool.capacity_tokens} cache positions, more than its share "
-                f"({self.config.client_cache_share:.0%}); close sessions or use other peers"
-            )
+        _, held = self.kv.usage(owner)
+        return QuotaExceededError(
+            f"client {owner} would hold {held + extra_pages * self.kv.page_tokens} of "
+            f"{self.kv.capacity_tokens} cache positions (cache and kept outputs), more than its share "
+            f"({self.config.client_cache_share:.0%}); close sessions or use other peers"
+        )
 
     # -- steps -----------------------------------------------------------------------------------
     def account_input(self, session: Session, nbytes: int) -> None:
@@ -217,10 +194,13 @@ class SessionManager:
             )
         session.bytes_received += nbytes
 
-    def prepare_step(self, session: Session, start_position: int, length: int) -> int:
-        """Checks a step's positions and pays for the cache it needs; returns the new capacity.
+    def prepare_step(self, session: Session, start_position: int, length: int,
+                     wire: torch.dtype = OUTPUT_DTYPE) -> int:
+        """Checks a step's positions and pays for what it needs; returns the cache capacity to grow to.
 
-        Runs on the event loop (the pool's accounting), before the compute thread grows buffers.
+        Pays for the cache and, for a session that keeps outputs, for its outputs in ``wire`` (the
+        step's dtype, which they are kept in). Runs on the event loop, before the compute thread
+        grows the cache and before the outputs are written.
         """
         if session.closed or self.sessions.get(session.session_id) is not session:  # the peer closed it (moving)
             raise PeerLeavingError(f"session {session.session_id} was closed by this peer; reopen it elsewhere")
@@ -235,28 +215,33 @@ class SessionManager:
             )
         session.last_used = time.monotonic()
         capacity = session.cache.capacity
-        if needed <= capacity:
+        outputs = session.outputs
+        if needed <= capacity and (outputs is None or outputs.paid_positions(wire) >= capacity):
             return capacity
-        page = self.pool.page_tokens
+        page = self.kv.page_tokens
         wanted = min(session.max_length, max(needed, 2 * capacity))
         quota_error: QuotaExceededError | None = None
-        for target in (wanted, needed):
+        for target in (wanted, needed) if needed > capacity else (capacity,):
             target = -(-target // page) * page if target < session.max_length else session.max_length
-            extra = self._pages(target, session.start, session.end) * session.batch_size - session.reserved_pages
-            try:
-                self._check_share(session.owner, extra)
-            except QuotaExceededError as error:
-                quota_error = error
-                continue
-            if self.pool.try_reserve(extra):
-                session.reserved_pages += extra
-                self._owner_pages[session.owner] = self._owner_pages.get(session.owner, 0) + extra
+            allocation = session.allocation
+            cache_extra = max(0, self._pages(target, session.start, session.end) * session.batch_size
+                              - allocation.cache_pages)
+            output_extra = (max(0, self._output_pages(session.batch_size, target, wire) - allocation.output_pages)
+                            if outputs is not None else 0)
+            if self.kv.allocate(allocation, cache_pages=cache_extra, output_pages=output_extra) is not None:
+                session.paid_capacity = max(session.paid_capacity, target)
+                if outputs is not None:
+                    outputs.paid_bytes = allocation.output_pages * self.kv.page_bytes
                 return target
+            shortfall = self.kv.shortfall(allocation, cache_extra + output_extra)
+            if shortfall in (Shortfall.SESSIONS, Shortfall.SHARE):
+                quota_error = self._quota_error(allocation, cache_extra + output_extra, shortfall)
         if quota_error is not None:
             raise quota_error
         raise CacheFullError(
-            f"KV cache is full: the session needs {(needed - capacity) * session.batch_size} more positions, "
-            f"{self.pool.free_tokens} of {self.pool.capacity_tokens} are free; retry later or use another peer"
+            f"KV cache is full: the session needs {max(needed - capacity, 0) * session.batch_size} more positions"
+            f"{' and room for its kept outputs' if outputs is not None else ''}, "
+            f"{self.kv.free_tokens} of {self.kv.capacity_tokens} are free; retry later or use another peer"
         )
 
     def rope_lengths(self, session: Session, step: Step) -> torch.Tensor | None:
@@ -274,30 +259,31 @@ class SessionManager:
 
     def _pages(self, capacity: int, start: int, end: int) -> int:
         """Pool pages per sequence for a cache that may reach ``capacity`` (a sliding window bounds it)."""
-        return self.pool.pages_for(self.args.cache_positions(capacity, start, end))
+        return self.kv.pages_for(self.args.cache_positions(capacity, start, end))
+
+    def _output_pages(self, batch: int, positions: int, dtype: torch.dtype) -> int:
+        """Pool pages for kept outputs of ``positions`` positions of ``batch`` sequences in ``dtype``."""
+        return self.kv.pages_for_bytes(batch * positions * self.args.hidden_size * dtype.itemsize)
 
     # -- closing ---------------------------------------------------------------------------------
-    def _release_pages(self, pages: int) -> None:
-        self.pool.release(pages)
+    def _free(self, allocation: Allocation) -> None:
+        self.kv.free(allocation)
         self._freed.set()
 
     def close(self, session_id: str) -> None:
-        # The buffers are freed when the last reference goes: a step still computing (its client
-        # gave up mid-step) finishes on them harmlessly instead of failing on emptied lists.
+        """Ends a session and frees all it holds: cache and kept outputs.
+
+        The buffers are freed when the last reference goes: a step still computing (its client gave
+        up mid-step) finishes on them harmlessly instead of failing on emptied lists.
+        """
         session = self.sessions.pop(session_id, None)
         if session is None:
             return
         session.closed = True
-        self._release_pages(session.reserved_pages)
-        owner = session.owner
-        self._owner_pages[owner] = self._owner_pages.get(owner, 0) - session.reserved_pages
-        self._owner_sessions[owner] = self._owner_sessions.get(owner, 0) - 1
-        if self._owner_sessions[owner] <= 0:
-            self._owner_sessions.pop(owner, None)
-            self._owner_pages.pop(owner, None)
+        self._free(session.allocation)
         if session.forwarder is not None:
             session.forwarder.close()
 
     def owner_usage(self, owner: str) -> tuple[int, int]:
-        """(sessions, cache positions) ``owner`` holds now."""
-        return self._owner_sessions.get(owner, 0), self._owner_pages.get(owner, 0) * self.pool.page_tokens
+        """(sessions, pool positions) ``owner`` holds now, kept outputs included."""
+        return self.kv.usage(owner)

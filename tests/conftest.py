@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from brigade_testkit import build_checkpoint, start_swarm
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 
 @pytest.fixture(scope="session")

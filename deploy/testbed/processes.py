@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brigade.deploy.launcher import wait_for_ready_file
 from brigade.deploy.testbed.netns import Host
 
 _PR_SET_PDEATHSIG = 1
@@ -50,6 +51,7 @@ class HostProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     info: dict[str, object] = field(default_factory=dict)
+    ready_file: Path | None = None  # where a peer writes its ready JSON (``--ready-file``)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -76,6 +78,14 @@ class HostProcess:
                 raise RuntimeError(f"{self.name} on {self.host.namespace} exited early:\n{self.log_tail()}")
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def wait_ready_file(self, timeout_s: float) -> dict[str, object]:
+        """Waits for the peer's ready file (``--ready-file``); the process must not exit first."""
+        if self.ready_file is None:
+            raise RuntimeError(f"{self.name} was not started with a ready file")
+        self.info = wait_for_ready_file(self.ready_file, self.alive, timeout_s, f"{self.name} on "
+                                        f"{self.host.namespace}", self.log_tail)
+        return self.info
 
     def terminate(self) -> None:
         if self.alive():

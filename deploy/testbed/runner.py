@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brigade.deploy.launcher import DHT_READY
 from brigade.deploy.testbed.client import FORWARDING_MODES, PROGRESS_MARK, RESULT_MARK
 from brigade.deploy.testbed.homes import Home, build_home, plan_home
 from brigade.deploy.testbed.netns import Host, Network, new_run_id, plan_hosts, sweep_stale
 from brigade.deploy.testbed.processes import HostProcess, spawn, stop_all
 from brigade.deploy.testbed.profiles import NetProfile, get_profile
-from brigade.peer.launcher import DHT_READY, PEER_READY
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Testbed:
             for role in batch:
                 launched[role] = self._start_peer(*starts[role])
             for role in batch:
-                launched[role].wait_ready(PEER_READY, self.config.start_timeout_s)
+                launched[role].wait_ready_file(self.config.start_timeout_s)
         self.peers = [launched[host.role] for host in self._peer_hosts()]
         logger.info("testbed %s ready: %d peers, logs in %s", self.run_id, len(self.peers), self.log_dir)
 
@@ -228,7 +228,12 @@ class Testbed:
                 "--num-threads", str(self.config.peer_threads), *self.config.peer_args]
         for maddr in self.initial_peers:
             args += ["--initial-peers", maddr]
-        return self._spawn(host, f"peer-{host.role}", args, self.config.peer_threads)
+        assert self.log_dir is not None
+        ready_file = self.log_dir / f"peer-{host.role}.ready.json"  # the hosts share this file system
+        launched = self._spawn(host, f"peer-{host.role}", [*args, "--ready-file", str(ready_file)],
+                               self.config.peer_threads)
+        launched.ready_file = ready_file
+        return launched
 
     # -- generate ------------------------------------------------------------------------------
     def generate(self, *, prompt_ids: list[int] | None = None, prompt: str | None = None, new_tokens: int = 16,

@@ -24,7 +24,7 @@ from brigade_testkit import PEER_THREADS, build_model
 
 from brigade.client import DistributedModelForCausalLM
 from brigade.deploy.delay_proxy import LinkProfile, ProxyThread
-from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+from brigade.deploy.launcher import LaunchedProcess, LocalSwarm
 from brigade.protocol.records import PeerRecord
 from brigade.routing.route import RouteCosts, find_route
 

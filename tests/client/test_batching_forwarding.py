@@ -17,7 +17,7 @@ from brigade_peer_client import peer_stub
 from brigade_testkit import build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 
 NEW_TOKENS = 16

@@ -18,7 +18,7 @@ import torch
 from brigade_testkit import FAST_PEER_ARGS, ChaosSwarm, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LaunchedProcess
+from brigade.deploy.launcher import LaunchedProcess
 
 LAYERS = 16
 NEW_TOKENS = 24

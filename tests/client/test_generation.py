@@ -11,7 +11,7 @@ import torch
 from brigade_testkit import build_model, start_swarm
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol.errors import MissingLayersError
 
 NEW_TOKENS = 32

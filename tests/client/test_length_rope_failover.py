@@ -17,7 +17,7 @@ from brigade_configs import NEW_TOKENS, RealConfig, build_checkpoint, prompt, re
 from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 KILL_AFTER = 14  # tokens: the sequence is past the switch (prompt ends 8 before it) when the peer dies
 

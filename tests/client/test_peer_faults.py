@@ -18,7 +18,7 @@ from brigade_evil_peer import evil_entry
 from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+from brigade.deploy.launcher import LaunchedProcess, LocalSwarm
 
 NEW_TOKENS = 16
 FAST = [*FAST_PEER_ARGS, "--throughput", "5000"]  # what a peer that wants every route announces

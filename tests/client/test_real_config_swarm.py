@@ -23,7 +23,7 @@ from brigade_configs import NAMES, NEW_TOKENS, RealConfig, assert_logits_close, 
 from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 # Routing is not what these tests look at: announce a fixed throughput instead of measuring each span.
 PEER_ARGS = [*FAST_PEER_ARGS, "--throughput", "500", "--client-cache-share", "1"]

@@ -35,7 +35,7 @@ from brigade.client.speculative import (
     speculative_decoder,
     verify,
 )
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 VOCAB = 512  # the test models' vocabulary (brigade_testkit.TINY_SHAPE)
 NEW_TOKENS = 24

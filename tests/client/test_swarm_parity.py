@@ -19,7 +19,7 @@ import torch
 from brigade_testkit import FAMILIES, FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 NEW_TOKENS = 32
 SPANS = [(0, 2), (2, 3), (3, 4), (4, 6)]  # three cuts

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from brigade.cli import app
 from brigade.dashboard.schema import DashboardState
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
 logger = logging.getLogger(__name__)

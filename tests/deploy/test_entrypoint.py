@@ -4,6 +4,7 @@ processes, checked by the same health checks the images run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -117,6 +118,7 @@ def test_bootstrap_publishes_its_maddrs_and_a_peer_joins_from_the_file(tmp_path:
     shared.parent.mkdir()
     shared.write_text('["/ip4/127.0.0.1/tcp/9/p2p/stale"]')  # a previous run's file must not be used
     boot_log, peer_log = tmp_path / "boot.log", tmp_path / "peer.log"
+    ready_file = tmp_path / "peer.ready.json"
     boot = _entrypoint(["dht"], {"BRIGADE_LISTEN": "/ip4/127.0.0.1/tcp/0", "BRIGADE_PUBLISH_MADDRS": str(shared),
                                  "BRIGADE_IDENTITY": str(tmp_path / "dht.key")}, boot_log)
     peer = None
@@ -129,10 +131,11 @@ def test_bootstrap_publishes_its_maddrs_and_a_peer_joins_from_the_file(tmp_path:
             "BRIGADE_MODEL": str(DEFAULT_MODEL_DIR), "BRIGADE_LAYERS": "0:6", "BRIGADE_INITIAL_PEERS_FILE": str(shared),
             "BRIGADE_HOST": "127.0.0.1", "BRIGADE_PORT": "0", "BRIGADE_NUM_THREADS": "1",
             "BRIGADE_DRAIN_GRACE": "1", "BRIGADE_IDENTITY": str(tmp_path / "peer.key"),
+            "BRIGADE_READY_FILE": str(ready_file),
         }, peer_log)
-        _wait(lambda: "BRIGADE_PEER_READY" in peer_log.read_text(errors="replace"), 120, "the peer was not ready",
-              peer_log)
-        address = re.search(r'"address": "([^"]+)"', peer_log.read_text()).group(1)  # type: ignore[union-attr]
+        _wait(ready_file.exists, 120, "the peer was not ready", peer_log)
+        address = json.loads(ready_file.read_text())["address"]
+        assert f"ready: peer {json.loads(ready_file.read_text())['peer_id']}" in peer_log.read_text()
         assert check_peer(address) is None
         assert (tmp_path / "peer.key").exists() and (tmp_path / "dht.key").exists()
     finally:

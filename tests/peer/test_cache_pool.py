@@ -12,7 +12,7 @@ import torch
 from brigade_peer_client import open_session, peer_stub
 from brigade_testkit import PEER_THREADS
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.identity import Identity

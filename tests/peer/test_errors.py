@@ -9,7 +9,7 @@ import pytest
 import torch
 from brigade_peer_client import forward_token, open_session, peer_stub
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.tensors import encode

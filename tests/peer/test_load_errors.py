@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from brigade_configs import RealConfig, build_checkpoint
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 PEER = [sys.executable, "-m", "brigade", "peer", "run"]
 

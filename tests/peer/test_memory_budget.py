@@ -9,7 +9,7 @@ import torch
 from brigade_testkit import PEER_THREADS, build_checkpoint
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 LAYERS = 48
 BUDGET_MIB = 700

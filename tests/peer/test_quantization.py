@@ -15,11 +15,11 @@ import torch
 from brigade_testkit import PEER_THREADS
 
 from brigade.client import DistributedModelForCausalLM
+from brigade.deploy.launcher import LocalSwarm
 from brigade.kernels.cache import KVCache
 from brigade.kernels.default_model import DEFAULT_MODEL_DIR
 from brigade.kernels.loading import load_head, load_span
 from brigade.kernels.quant import quantize_span
-from brigade.peer.launcher import LocalSwarm
 
 MODEL = str(DEFAULT_MODEL_DIR)
 PROMPT = torch.tensor([[5, 17, 300, 41, 9, 1000, 77]])

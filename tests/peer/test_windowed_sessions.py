@@ -41,9 +41,9 @@ def test_windowed_sessions_of_full_length_share_a_pool_too_small_for_one_full_at
         sessions = [await windowed.open(_open(index)) for index in range(POOL // 64)]
         for session in sessions:
             _grow_to(windowed, session, LENGTH)
-            assert session.reserved_pages == 1  # the ring (15 slots) fits one page
+            assert session.allocation.cache_pages == 1  # the ring (15 slots) fits one page
             assert all(keys.shape[2] == ring_size(WINDOW) for keys in session.cache.keys)
-        assert windowed.pool.free_tokens == 0
+        assert windowed.kv.free_tokens == 0
 
         full = _manager("llama")
         session = await full.open(_open(0))
@@ -63,7 +63,7 @@ def test_a_span_mixing_global_and_sliding_layers_pays_for_each_kind() -> None:
         session = await manager.open(_open(0))
         _grow_to(manager, session, 192)
         # Three global layers of 192 positions and three rings of 15, averaged over the six: 104 -> 2 pages.
-        assert session.reserved_pages == 2
+        assert session.allocation.cache_pages == 2
         sizes = sorted({keys.shape[2] for keys in session.cache.keys})
         assert sizes == [ring_size(WINDOW), 192]
 

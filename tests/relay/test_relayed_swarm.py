@@ -23,7 +23,7 @@ import torch
 from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.records import PeerRecord
 from brigade.protocol.tensors import decode, encode

@@ -19,7 +19,7 @@ import pytest
 from brigade_security import GUARD_CACHE_TOKENS, SecuritySwarm
 from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 from brigade.protocol.identity import Identity
 
 

@@ -26,10 +26,10 @@ from brigade_testkit import PEER_THREADS
 from brigade.client import DistributedModelForCausalLM
 from brigade.client.session import InferenceSession
 from brigade.client.verification import CheckResult, ResultVerifier, VerificationReport, VerificationStats
+from brigade.deploy.launcher import LocalSwarm
 from brigade.kernels.cache import KVCache
 from brigade.kernels.default_model import DEFAULT_MODEL_DIR
 from brigade.kernels.loading import load_span
-from brigade.peer.launcher import LocalSwarm
 
 MODEL = str(DEFAULT_MODEL_DIR)
 NUM_LAYERS = 6

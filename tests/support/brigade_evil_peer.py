@@ -26,7 +26,7 @@ from torch import nn
 
 from brigade.cli import app  # LocalSwarm sets the OpenMP wait policy in the environment before torch loads
 from brigade.peer.executor import SpanExecutor
-from brigade.peer.sessions import OutputHistory
+from brigade.peer.outputs import OutputHistory
 
 
 def evil_entry(cheat: str) -> tuple[str, ...]:

@@ -93,9 +93,11 @@ class InProcessPeer:
         async def read() -> dict[str, Any]:
             assert self.sessions is not None
             sessions = self.sessions
-            return {"sessions": len(sessions.sessions), "free_tokens": sessions.pool.free_tokens,
-                    "capacity_tokens": sessions.pool.capacity_tokens, "owners": dict(sessions._owner_sessions),
-                    "owner_pages": dict(sessions._owner_pages)}
+            books = sessions.kv.books()
+            return {"sessions": len(sessions.sessions), "free_tokens": sessions.kv.free_tokens,
+                    "capacity_tokens": sessions.kv.capacity_tokens,
+                    "owners": {owner: held for owner, (held, _) in books.items()},
+                    "owner_pages": {owner: pages for owner, (_, pages) in books.items()}}
 
         return self.call(read(), 10.0)
 

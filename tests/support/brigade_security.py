@@ -10,7 +10,7 @@ from typing import Any
 
 from brigade.client.config import ClientConfig
 from brigade.client.remote import RemoteSwarm
-from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+from brigade.deploy.launcher import LaunchedProcess, LocalSwarm
 from brigade.protocol.records import PeerRecord
 
 GUARD_CACHE_TOKENS = 4096  # the guard peer's KV cache pool, in positions

@@ -36,7 +36,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from brigade.peer.launcher import LaunchedProcess, LocalSwarm
+from brigade.deploy.launcher import LaunchedProcess, LocalSwarm
 
 # Peers on a 2-core machine take turns; two threads each is the most that helps.
 PEER_THREADS = int(os.environ.get("BRIGADE_TEST_PEER_THREADS", "2"))

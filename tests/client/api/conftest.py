@@ -8,7 +8,7 @@ import pytest
 from brigade_api_testkit import API_KEY, ApiServer, ChatModel, build_chat_tokenizer, start_api_server, stop_api_server
 from brigade_testkit import build_checkpoint, start_swarm
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 
 @pytest.fixture(scope="session")

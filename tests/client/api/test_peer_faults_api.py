@@ -17,7 +17,7 @@ from brigade_evil_peer import evil_entry
 from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS
 from transformers import AutoModelForCausalLM
 
-from brigade.peer.launcher import LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 NEW_TOKENS = 10
 
