@@ -81,7 +81,7 @@ def main() -> int:
                 swarm.wait_ready(peer)
             with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers,
                                                              forwarding=False) as model:
-                session = InferenceSession(model.swarm, model.bans, 1, args.steps + 16, [0])
+                session = InferenceSession(model.swarm, model.standing, 1, args.steps + 16, [0])
                 model._loop.run(session.open())
                 hidden = torch.randn(1, 1, shape["hidden_size"])
                 model._loop.run(profile_steps(session, hidden, 5))  # warm-up

@@ -48,7 +48,7 @@ SETUPS = {
 
 async def first_token(model: DistributedModelForCausalLM, prompt: torch.Tensor) -> tuple[float, int, int]:
     """(seconds to the first token, that token, hops) for one fresh session."""
-    session = InferenceSession(model.swarm, model.bans, 1, prompt.shape[1] + 1, [0])
+    session = InferenceSession(model.swarm, model.standing, 1, prompt.shape[1] + 1, [0])
     await session.open()
     try:
         began = time.perf_counter()

@@ -70,7 +70,7 @@ async def peer_counters(model: DistributedModelForCausalLM, peers: list) -> tupl
 async def run_round(model: DistributedModelForCausalLM, prompts: torch.Tensor, steps: int) -> Round:
     """Opens one session per prompt row, prefills them all, then times ``steps`` lockstep decode steps."""
     count, length = prompts.shape
-    sessions = [InferenceSession(model.swarm, model.bans, 1, length + steps + 1, [0]) for _ in range(count)]
+    sessions = [InferenceSession(model.swarm, model.standing, 1, length + steps + 1, [0]) for _ in range(count)]
     await asyncio.gather(*(session.open() for session in sessions))
     try:
         records = {stream.hop.peer.peer_id: stream.hop.peer for session in sessions for stream in session.hops}

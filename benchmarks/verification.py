@@ -7,7 +7,7 @@
 1. Calibration (in this process, the kernels peers run): each precision computes spans of the
    embedded trained model decode-step by decode-step over 400 tokens of real Python, against a
    float32 prefill of the same inputs (what a check compares). Prints the largest honest error
-   ratio |y - z| / (min delta + |x|) per precision against its tolerance (client/checking.py).
+   ratio |y - z| / (min delta + |x|) per precision against its tolerance (client/verify/compare.py).
 2. Detection: the cheating swarm of tests/support/brigade_evil.py (8 real peer processes). Runs of
    one session each through a route with one cheater (a layer skipped, noise of 0.2 x the span's
    RMS, a lying History) at the default rate (5%, stratified), until the cheater is dropped or 60
@@ -45,7 +45,7 @@ import torch
 from brigade_evil import CHEATERS, MODEL, CheatSwarm, RunOutcome, run_session
 
 from brigade.client import ClientConfig, DistributedModelForCausalLM
-from brigade.client.checking import PRECISION_TOLERANCE
+from brigade.client.verify.compare import PRECISION_TOLERANCE
 from brigade.kernels.cache import KVCache
 from brigade.kernels.loading import load_head, load_span
 from brigade.kernels.quant import quantize_span

@@ -34,7 +34,7 @@ class ClientConfig:
     verify_rate: float = 0.05  # share of finished windows re-checked on another peer serving the same layers
     verify_window: int = 16  # decode steps per hop that make one window
     verify_schedule: str = "stratified"  # "stratified": one check in each block of 1/verify_rate windows; "random"
-    verify_tolerance_scale: float = 1.0  # multiplies every precision's tolerance (client/checking.py)
+    verify_tolerance_scale: float = 1.0  # multiplies every precision's tolerance (client/verify/compare.py)
     verify_max_pending: int = 4  # due windows waiting for the session's check task; more are skipped (counted)
     verify_timeout_s: float = 120.0  # bound on one hop's check (read-backs, re-runs, comparisons)
     allowed_peers: Iterable[str] | None = None  # use only these peer ids (private swarms); None = any

@@ -22,19 +22,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
 
-from brigade.client.bans import PeerBans
 from brigade.client.budget import Budget, RecoveryExhaustedError
-from brigade.client.hops import HopFailure, HopStream, new_session_id
+from brigade.client.hops import HopFailure, HopStream
+from brigade.client.recovery import FailoverEvent, ForwardBroken, RouteRepair
 from brigade.client.remote import RemoteSwarm
+from brigade.client.standing import PeerStanding
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import rope_digest
-from brigade.protocol.errors import BadAnswerError, InvalidTensorError, MissingLayersError
+from brigade.protocol.errors import BadAnswerError, InvalidTensorError
 from brigade.protocol.messages import StepAnswer
 from brigade.protocol.tensors import WIRE_DTYPES, encode
 from brigade.routing.route import Hop
@@ -44,38 +43,15 @@ logger = logging.getLogger(__name__)
 DECODE_SIZED = 8  # steps of at most this many positions get deadlines from measured step times
 
 
-class _ForwardBroken(Exception):
-    """Hop ``index`` could not reach the next hop: that pair goes client-driven and the step restarts."""
-
-    def __init__(self, index: int, reason: str):
-        super().__init__(reason)
-        self.index = index
-
-
-@dataclass
-class FailoverEvent:
-    """One recovery, for logs, tests and benchmarks."""
-
-    kind: str  # "failure" (peer banned), "migration" (peer leaving, no ban), "unlink" (pair went client-driven)
-    # or "distrust" (a result check caught the peer: it and every later hop are rebuilt without it)
-    peer_id: str
-    layers: tuple[int, int]
-    reason: str
-    detected_after_s: float  # from sending the failed request to noticing; 0 for migrations
-    recovery_s: float = 0.0  # re-routing, opening and replaying
-    replayed_positions: int = 0
-    new_route: list[str] = field(default_factory=list)
-
-
-class InferenceSession:
+class InferenceSession(RouteRepair):
     """Steps hidden states through every hop of a route, keeping each hop's cache in step."""
 
     def __init__(
-        self, swarm: RemoteSwarm, bans: PeerBans, batch_size: int, max_length: int, pad_lengths: list[int]
+        self, swarm: RemoteSwarm, standing: PeerStanding, batch_size: int, max_length: int, pad_lengths: list[int]
     ):
         self.swarm = swarm
         self.config = swarm.config
-        self.bans = bans
+        self.standing = standing  # bans, leaving, distrusted, unforwardable pairs: shared by the model's sessions
         self.batch_size = batch_size
         self.max_length = max_length
         self.pad_lengths = pad_lengths
@@ -84,10 +60,6 @@ class InferenceSession:
         self.events: list[FailoverEvent] = []
         self.step_listeners: list = []  # callables(session, start, positions) after each completed step
         self.close_hooks: list[Callable[[], Awaitable[None]]] = []  # awaited first by close() (listeners' tasks)
-        self.distrusted: set[str] = set()  # peers a result check caught returning wrong results: never used again
-        self.reports: list[Any] = []  # result checks' evidence against them (client/verification.py)
-        self._leaving: set[str] = set()  # peers that said they are draining
-        self._unforwardable: set[tuple[str, str]] = set()  # peer pairs that could not reach each other
         self._wire_dtype = WIRE_DTYPES[self.config.wire_dtype]
         self._step_id = 0
         # Per position so far: the length of the step (forward call) it was computed in, for models whose
@@ -124,7 +96,7 @@ class InferenceSession:
             raise ValueError(f"session of max_length {self.max_length} cannot take positions up to {start + length}")
         budget = Budget(self.config.retry_budget_s, self.config.max_attempts)
         failure: HopFailure | None = None
-        broken: _ForwardBroken | None = None
+        broken: ForwardBroken | None = None
         began = time.monotonic()
         if self.swarm.rope_by_length:  # transformers' max(position_ids) + 1 of this call
             if rope_lengths is None:
@@ -154,7 +126,7 @@ class InferenceSession:
             except HopFailure as error:
                 budget.spend(error)
                 failure = error
-            except _ForwardBroken as error:
+            except ForwardBroken as error:
                 budget.spend(error)
                 broken = error
         self.position = start + length
@@ -220,7 +192,7 @@ class InferenceSession:
                     is_last = offset == len(streams) - 1
                     if not is_last:
                         if result.forward_error:
-                            raise _ForwardBroken(first + offset, result.forward_error)
+                            raise ForwardBroken(first + offset, result.forward_error)
                         if not result.forwarded:
                             raise HopFailure(stream.hop, "answered with tensors instead of forwarding")
                     else:
@@ -287,7 +259,7 @@ class InferenceSession:
         if result.attestation.rope_sha256 == rope_digest(self.rope_lengths[position : position + result.positions]):
             return
         if pushed:
-            raise _ForwardBroken(index - 1, "the next hop computed with other rope lengths than this client's")
+            raise ForwardBroken(index - 1, "the next hop computed with other rope lengths than this client's")
         raise HopFailure(self.hops[index].hop, "computed with other rope lengths than it was sent")
 
     def _timeout(self, stream: HopStream, decode_sized: bool) -> float:
@@ -300,224 +272,6 @@ class InferenceSession:
         hop = stream.hop  # what the route finder will know of this peer next time
         self.swarm.latency.observe_step(hop.peer, hop.end - hop.start, elapsed * 1000, compute_ms)
 
-    # -- recovery ----------------------------------------------------------------------------------
-    def _find(self, hop: Hop) -> int | None:
-        """Where ``hop`` is on the route now (None: an earlier recovery already replaced it)."""
-        for index, stream in enumerate(self.hops):
-            if stream.hop == hop:
-                return index
-        return None
-
-    def _note_failure(self, failure: HopFailure, detected_after_s: float) -> FailoverEvent:
-        peer_id = failure.hop.peer.peer_id
-        if failure.leaving:
-            self._leaving.add(peer_id)
-            kind = "migration"
-        else:
-            duration = self.bans.ban(peer_id)
-            kind = "failure"
-            logger.warning("%s; banned for %.0f s, rerouting layers %d:%d", failure, duration,
-                           failure.hop.start, failure.hop.end)
-        return FailoverEvent(kind, peer_id, (failure.hop.start, failure.hop.end), failure.reason, detected_after_s)
-
-    async def _migrate_leaving(self, start: int, budget: Budget) -> None:
-        index = 0
-        while index < len(self.hops):
-            stream = self.hops[index]
-            if stream.leaving:
-                event = FailoverEvent("migration", stream.peer_id, (stream.hop.start, stream.hop.end),
-                                      "peer leaving", 0.0)
-                await self._replace(index, start, budget, event)
-            index += 1
-
-    async def _leave_distrusted(self, start: int, budget: Budget) -> None:
-        """Rebuilds the route from the first hop a result check caught cheating to the end: every later
-        hop's cache was computed from its wrong outputs."""
-        index = next((i for i, stream in enumerate(self.hops) if stream.peer_id in self.distrusted), None)
-        if index is not None:
-            stream = self.hops[index]
-            event = FailoverEvent("distrust", stream.peer_id, (stream.hop.start, self.hops[-1].hop.end),
-                                  "a result check caught it returning wrong results", 0.0)
-            await self._replace(len(self.hops) - 1, start, budget, event, first=index)
-
-    async def _replay_input(self, index: int, end: int) -> torch.Tensor | None:
-        """Hop ``index``'s inputs for positions [0, end): this client's log, or the previous peer's outputs."""
-        if end == 0:
-            return None
-        stream = self.hops[index]
-        if stream.inputs.complete and stream.inputs.length >= end:
-            return stream.inputs.read(end)
-        if index == 0:
-            raise RuntimeError("the first hop's inputs are always kept by the client")
-        return await self.hops[index - 1].history(end, self.config.step_timeout_s)
-
-    async def _replace(self, index: int, start: int, budget: Budget, event: FailoverEvent,
-                       first: int | None = None) -> None:
-        """Swaps hops ``first..index`` (default: just ``index``, and earlier hops whose outputs were lost
-        with it) for a new chain."""
-        began = time.monotonic()
-        if event.kind == "migration":
-            self._leaving.add(self.hops[index].peer_id)
-        first = index if first is None else first
-        while True:
-            try:
-                replay = await self._replay_input(first, start)
-                break
-            except HopFailure as failure:  # the previous peer is gone too: rebuild it as well
-                budget.spend(failure)
-                self.events.append(self._note_failure(failure, 0.0))
-                first -= 1
-        layers = (self.hops[first].hop.start, self.hops[index].hop.end)
-        replacement = await self._build_with_retries(*layers, replay, budget)
-        old = self.hops[first : index + 1]
-        self.hops[first : index + 1] = replacement
-        for stream in old:
-            stream.cancel()
-        await self._link(self.hops, (first - 1, first + len(replacement) - 1))  # the pairs around it
-        event.recovery_s = time.monotonic() - began
-        event.replayed_positions = 0 if replay is None else replay.shape[1]
-        event.new_route = [f"{s.peer_id}[{s.hop.start}:{s.hop.end}]" for s in replacement]
-        self.events.append(event)
-        logger.info("%s of %s at layers %d:%d handled in %.3f s (replayed %d positions) via %s", event.kind,
-                    event.peer_id, *event.layers, event.recovery_s, event.replayed_positions, event.new_route)
-
-    async def _unlink(self, index: int, reason: str) -> None:
-        """Hop ``index`` could not reach hop ``index + 1``: carry that pair's activations from now on."""
-        sender, receiver = self.hops[index], self.hops[index + 1]
-        self._unforwardable.add((sender.peer_id, receiver.peer_id))
-        sender.session_next = None
-        receiver.session_upstream = ""
-        receiver.receives_push = False
-        timeout = self.config.open_timeout_s
-        await _all(sender.relink(None, sender.session_upstream, timeout),
-                   receiver.relink(receiver.session_next, "", timeout))
-        self.events.append(FailoverEvent("unlink", sender.peer_id, (sender.hop.start, sender.hop.end), reason, 0.0))
-
-    async def _link(self, streams: list[HopStream], pairs: Iterable[int]) -> None:
-        """Links each pair ``(streams[i], streams[i + 1])`` for i in ``pairs`` that can forward.
-
-        A no-op when forwarding is off. Each touched hop gets one Relink carrying both its links,
-        and the session waits for every acknowledgement, so the next step already flows the new way.
-        """
-        if not self.config.forwarding:
-            return
-        touched: dict[int, HopStream] = {}
-        for index in pairs:
-            if not 0 <= index < len(streams) - 1:
-                continue
-            sender, receiver = streams[index], streams[index + 1]
-            if (sender.peer_id, receiver.peer_id) in self._unforwardable:
-                continue
-            sender.session_next = receiver.next_hop()
-            receiver.session_upstream = sender.peer_id
-            receiver.receives_push = True
-            receiver.inputs.clear()
-            receiver.inputs.complete = False  # from now on its inputs are the previous peer's kept outputs
-            touched[id(sender)], touched[id(receiver)] = sender, receiver
-        timeout = self.config.open_timeout_s
-        await _all(*(stream.relink(stream.session_next, stream.session_upstream, timeout)
-                     for stream in touched.values()))
-
-    async def _build_with_retries(
-        self, start: int, end: int, history: torch.Tensor | None, budget: Budget
-    ) -> list[HopStream]:
-        fresh = False
-        while True:
-            try:
-                wait_s = max(0.0, min(self.config.route_wait_s, budget.remaining_s()))
-                return await self._build_chain(start, end, history, self._excluded, fresh, wait_s)
-            except HopFailure as failure:
-                budget.spend(failure)
-                self.events.append(self._note_failure(failure, 0.0))
-            except MissingLayersError:
-                # route() already waited for coverage; give up with this error, which names the layers.
-                if budget.remaining_s() <= 0:
-                    raise
-                await asyncio.sleep(min(0.5, budget.remaining_s()))
-            fresh = True  # something changed: read the DHT again rather than a cached view
-
-    def _excluded(self) -> set[str]:
-        return self.bans.banned() | self._leaving | self.distrusted
-
-    async def _build_chain(
-        self, start: int, end: int, history: torch.Tensor | None, exclude: Callable[[], set[str]], fresh: bool,
-        wait_s: float,
-    ) -> list[HopStream]:
-        """Opens a chain over [start, end) and replays ``history`` through it (client-driven), unlinked."""
-        needed = self.batch_size * self.max_length
-        forwarding = self.config.forwarding
-        replayed = 0 if history is None else history.shape[0] * history.shape[1]
-        route = await self.swarm.route(
-            start, end, exclude=exclude, fresh=fresh, wait_s=wait_s, cache_tokens=needed, batch_size=self.batch_size,
-            prefill_tokens=replayed, decode_tokens=self.max_length - self.position, ping_unknown=history is None,
-            forwarding=forwarding,
-        )
-        session_ids = [new_session_id() for _ in route]
-        link_now = forwarding and history is None  # a fresh chain can be linked at open; a replayed one after
-        opens = []
-        for index, hop in enumerate(route):
-            next_hop = None
-            if link_now and index + 1 < len(route):
-                following = route[index + 1]
-                if (hop.peer.peer_id, following.peer.peer_id) not in self._unforwardable:
-                    next_hop = pb.NextHop(peer_id=following.peer.peer_id, address=following.peer.address,
-                                          session_id=session_ids[index + 1], tls_cert=following.peer.tls_cert,
-                                          relay_peer_id=following.peer.relay_peer_id)
-            previous = route[index - 1].peer.peer_id if link_now and index > 0 else ""
-            if previous and (previous, hop.peer.peer_id) in self._unforwardable:
-                previous = ""
-            opens.append(HopStream.open(
-                self.swarm, hop, batch_size=self.batch_size, max_length=self.max_length,
-                pad_lengths=self.pad_lengths, session_id=session_ids[index], next_hop=next_hop,
-                upstream_peer_id=previous, keep_outputs=forwarding or self.config.verify_rate > 0,
-            ))
-        results = await asyncio.gather(*opens, return_exceptions=True)
-        streams = [result for result in results if isinstance(result, HopStream)]
-        failure = next((result for result in results if isinstance(result, BaseException)), None)
-        if failure is not None:
-            for stream in streams:
-                stream.cancel()
-            raise failure
-        for stream in streams:
-            self.bans.forgive(stream.peer_id)  # it answered: its record of failures starts over
-        for index, stream in enumerate(streams):
-            stream.session_next = streams[index + 1].next_hop() if stream.forwards else None
-            stream.session_upstream = streams[index - 1].peer_id if stream.receives_push else ""
-        try:
-            if history is not None:
-                replay = history
-                for stream in streams:
-                    replay = await self._replay_through(stream, replay)
-                await self._link(streams, range(len(streams) - 1))
-        except BaseException:
-            for stream in streams:
-                stream.cancel()
-            raise
-        return streams
-
-    async def _replay_through(self, stream: HopStream, replay: torch.Tensor) -> torch.Tensor:
-        """Rebuilds one new hop's cache from ``replay`` (positions [0, n)) and returns its outputs."""
-        self._step_id += 1
-        step_id = self._step_id
-        length = replay.shape[1]
-        stream.inputs.append(0, replay)
-        await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=pb.Step(
-            hidden=encode(replay, self._wire_dtype), start_position=0, step_id=step_id, step_positions=length,
-            rope_lengths=self.rope_lengths_for(0, length))))
-        pieces, covered = [], 0
-        while covered < length:
-            result = self._answer(stream, await self._result(stream, step_id, self.config.step_timeout_s), covered,
-                                  length - covered)
-            if result.hidden is None:
-                raise HopFailure(stream.hop, "a replay answered without its outputs")
-            if self.swarm.rope_by_length and result.attestation.rope_sha256 != rope_digest(
-                    self.rope_lengths[result.start_position : result.start_position + result.positions]):
-                raise HopFailure(stream.hop, "replayed with other rope lengths than it was sent")
-            stream.keep_attestation(result.attestation)
-            pieces.append(result.hidden.tensor)
-            covered += result.positions
-        return torch.cat(pieces, dim=1)
-
     async def close(self) -> None:
         for hook in self.close_hooks:
             try:
@@ -526,14 +280,6 @@ class InferenceSession:
                 logger.exception("a session close hook failed")
         await asyncio.gather(*(stream.close() for stream in self.hops), return_exceptions=True)
         self.hops.clear()
-
-
-async def _all(*coroutines: Any) -> None:
-    """Awaits every coroutine; then raises the first failure, if any (none is left running or unretrieved)."""
-    results = await asyncio.gather(*coroutines, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
 
 
 async def _buffered(source: AsyncIterator[tuple[int, torch.Tensor]]) -> AsyncIterator[tuple[int, torch.Tensor]]:

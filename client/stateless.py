@@ -11,10 +11,10 @@ import logging
 
 import torch
 
-from brigade.client.bans import PeerBans
 from brigade.client.budget import Budget
 from brigade.client.hops import HopFailure, classify
 from brigade.client.remote import RemoteSwarm
+from brigade.client.standing import PeerStanding
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.errors import BadAnswerError
 from brigade.protocol.messages import forward_answer
@@ -24,16 +24,15 @@ from brigade.protocol.tokens import make_token
 logger = logging.getLogger(__name__)
 
 
-async def forward_through(swarm: RemoteSwarm, bans: PeerBans, hidden: torch.Tensor, pads: list[int],
-                          exclude: set[str]) -> tuple[torch.Tensor, list[str]]:
+async def forward_through(swarm: RemoteSwarm, standing: PeerStanding, hidden: torch.Tensor,
+                          pads: list[int]) -> tuple[torch.Tensor, list[str]]:
     """``hidden`` [B, T, H] through every layer; returns the output and the route it took."""
     config = swarm.config
     wire = WIRE_DTYPES[config.wire_dtype]
     budget = Budget(config.retry_budget_s, config.max_attempts)
     position, used, fresh = 0, [], False
     while position < swarm.num_layers:
-        excluded = bans.banned() | exclude
-        hop = (await swarm.route(position, swarm.num_layers, exclude=excluded, fresh=fresh,
+        hop = (await swarm.route(position, swarm.num_layers, exclude=standing.excluded(), fresh=fresh,
                                  wait_s=max(0.0, min(config.route_wait_s, budget.remaining_s()))))[0]
         request = pb.ForwardRequest(start_layer=hop.start, end_layer=hop.end, hidden=encode(hidden, wire),
                                     pad_lengths=pads, token=make_token(swarm.identity, hop.peer.peer_id, "forward"))
@@ -51,10 +50,10 @@ async def forward_through(swarm: RemoteSwarm, bans: PeerBans, hidden: torch.Tens
                 raise failure from error
         except HopFailure as failure:
             budget.spend(failure)
-            if not failure.leaving:
-                bans.ban(hop.peer.peer_id)
+            if failure.leaving:
+                standing.mark_leaving(hop.peer.peer_id)
             else:
-                exclude = exclude | {hop.peer.peer_id}
+                standing.ban(hop.peer.peer_id)
             logger.warning("forward through %s failed (%s); rerouting", hop.peer.peer_id, failure.reason)
             fresh = True
             continue

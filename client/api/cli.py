@@ -118,8 +118,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _start_local_swarm(stack: ExitStack, model: str, peers: int) -> tuple[list[str], list[int]]:
     from brigade.demo import split_layers
+    from brigade.deploy.launcher import LocalSwarm
     from brigade.kernels.loading import load_config
-    from brigade.peer.launcher import LocalSwarm
 
     spans = split_layers(load_config(model).num_hidden_layers, max(1, peers))
     swarm = stack.enter_context(LocalSwarm())

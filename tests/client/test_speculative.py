@@ -314,7 +314,7 @@ def test_rejected_positions_leave_no_trace_in_the_peers_caches(model: Distribute
     generator = torch.Generator().manual_seed(11)
     prompt, wrong, right = (torch.randint(0, VOCAB, (1, n), generator=generator) for n in (9, 5, 4))
     run, head = model._loop.run, model.head
-    session = InferenceSession(model.swarm, model.bans, 1, 40, [0])
+    session = InferenceSession(model.swarm, model.standing, 1, 40, [0])
     run(session.open())
     try:
         run(session.step(head.embed(prompt)))

@@ -25,7 +25,8 @@ from brigade_testkit import PEER_THREADS
 
 from brigade.client import DistributedModelForCausalLM
 from brigade.client.session import InferenceSession
-from brigade.client.verification import CheckResult, ResultVerifier, VerificationReport, VerificationStats
+from brigade.client.standing import PeerStanding
+from brigade.client.verify.verifier import CheckResult, ResultVerifier, VerificationReport, VerificationStats
 from brigade.deploy.launcher import LocalSwarm
 from brigade.kernels.cache import KVCache
 from brigade.kernels.default_model import DEFAULT_MODEL_DIR
@@ -137,8 +138,9 @@ async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, rou
     ``stop_when_caught``: end the session once the route's cheater is dropped. ``distrust``: names
     the session avoids from the start (as if already caught).
     """
-    session = InferenceSession(model.swarm, model.bans, 1, tokens.shape[1], [0])
-    session.distrusted.update(swarm.ids[name] for name in distrust)
+    standing = PeerStanding(model.bans)  # this run's verdicts only; the bans steer the route (shared)
+    standing.distrusted.update(swarm.ids[name] for name in distrust)
+    session = InferenceSession(model.swarm, standing, 1, tokens.shape[1], [0])
     verifier = ResultVerifier.attach(session, random.Random(seed)) if verify else None
     others = [peer_id for name, peer_id in swarm.ids.items() if name not in route]
     for peer_id in others:  # the route the test asked for; afterwards every peer may re-run checks
@@ -157,7 +159,7 @@ async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, rou
             began = time.perf_counter()
             output = await session.step(model.head.embed(tokens[:, position : position + 1]))
             step_s.append(time.perf_counter() - began)
-            if stop_when_caught and cheater is not None and swarm.ids[cheater] in session.distrusted:
+            if stop_when_caught and cheater is not None and swarm.ids[cheater] in standing.distrusted:
                 break
         if verifier is not None:
             await verifier.drain(drain_s)
@@ -166,12 +168,12 @@ async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, rou
         await session.close()
     caught = None
     if cheater is not None:
-        for report in session.reports:
+        for report in standing.reports:
             if swarm.ids[cheater] in report.accused:
                 index = (report.window[1] - prompt + 1) // window - 1
                 caught = index if caught is None else min(caught, index)
     return RunOutcome(
-        route=opened, cheater=cheater, caught_window=caught, reports=list(session.reports),
+        route=opened, cheater=cheater, caught_window=caught, reports=list(standing.reports),
         results=list(verifier.results) if verifier else [], stats=verifier.stats if verifier else VerificationStats(),
         final_route=final_route, last_output=output[:, -1],
         step_s=step_s, positions=prompt + len(step_s),

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from brigade.client.checking import (
+from brigade.client.verify.compare import (
     PRECISION_TOLERANCE,
     UNKNOWN_TOLERANCE,
     WindowSchedule,

@@ -1,6 +1,6 @@
 """The pure rules of result checks: when to check, whom to ask, and when two results disagree.
 
-Kept apart from the checker itself (``client/verification.py``) so they can be tested, and reasoned
+Kept apart from the checker itself (``client/verify/verifier.py``) so they can be tested, and reasoned
 about, without a swarm.
 
 Tolerance. Two honest peers never return bit-identical hidden states: a decode step and a prefill

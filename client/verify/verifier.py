@@ -5,11 +5,11 @@ the protocol would notice. So a session checks a random share of its work (``ver
 windows by default; a window is ``verify_window`` steps): for a chosen window ``[a, b)`` and each hop
 of the route, it reads back the hop's inputs for ``[0, b)`` (the client's own log, or the previous
 peer's kept outputs) and the hop's outputs for the window (``History``), binds both to the peers'
-signed attestations (``client/evidence.py``), re-runs the inputs as one ordinary prefill on another
+signed attestations (``client/verify/evidence.py``), re-runs the inputs as one ordinary prefill on another
 peer serving the same layers, and compares the window's outputs with a tolerance for the two
-peers' precisions (``client/checking.py``). On a mismatch a third peer decides: the peer that
-disagrees with the other two is dropped from the session (``InferenceSession.distrusted``: the
-route is rebuilt without it at the next step) and reported, with the attestations that show what
+peers' precisions (``client/verify/compare.py``). On a mismatch a third peer decides: the peer that
+disagrees with the other two is distrusted (``PeerStanding.distrust``: every session of the model
+rebuilds its route without it at its next step) and reported, with the attestations that show what
 it signed. A peer whose kept outputs contradict its own signatures is dropped the same way.
 
 To the re-running peer a check is an ordinary session: same client identity, batch, padding and
@@ -31,14 +31,19 @@ import asyncio
 import logging
 import random
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from brigade.client.checking import WindowSchedule
-from brigade.client.evidence import AttestationChain
-from brigade.client.recheck import CheckResult, HopCheck, HopSnapshot, VerificationReport, VerificationStats, Window
+from brigade.client.verify.compare import WindowSchedule
+from brigade.client.verify.evidence import AttestationChain
+from brigade.client.verify.hop_check import HopCheck
+from brigade.client.verify.outcomes import CheckResult, VerificationReport, VerificationStats
+from brigade.client.verify.windows import HopSnapshot, Window
 
 if TYPE_CHECKING:
-    from brigade.client.session import InferenceSession
+    from brigade.client.config import ClientConfig
+    from brigade.client.hops import HopStream
+    from brigade.client.remote import RemoteSwarm
+    from brigade.client.standing import PeerStanding
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +51,28 @@ MAX_ROLLBACKS_KEPT = 1024  # rollbacks remembered to tell a superseded window fr
 MAX_RESULTS_KEPT = 1024  # per-check results kept for tests and benchmarks
 
 
+class SessionView(Protocol):
+    """What a verifier and its checks see of a session: read-only facts, no state to write into."""
+
+    config: ClientConfig
+    swarm: RemoteSwarm
+    standing: PeerStanding
+    batch_size: int
+    max_length: int
+    pad_lengths: list[int]
+    hops: list[HopStream]
+    step_listeners: list[Any]
+    close_hooks: list[Any]
+
+    def rope_lengths_for(self, start: int, end: int) -> list[int]: ...
+
+
 class ResultVerifier:
     """Checks a share of one session's windows; attach with ``ResultVerifier.attach(session)``."""
 
-    def __init__(self, session: InferenceSession, rng: random.Random | None = None):
+    def __init__(self, session: SessionView, rng: random.Random | None = None):
         self.session = session
+        self.standing = session.standing
         self.config = session.config
         self.stats = VerificationStats()
         self.results: deque[CheckResult] = deque(maxlen=MAX_RESULTS_KEPT)
@@ -72,7 +94,7 @@ class ResultVerifier:
         self._closed = False
 
     @classmethod
-    def attach(cls, session: InferenceSession, rng: random.Random | None = None) -> ResultVerifier | None:
+    def attach(cls, session: SessionView, rng: random.Random | None = None) -> ResultVerifier | None:
         """Hooks a verifier into ``session`` (after each step, and at close); None when checks are off."""
         if session.config.verify_rate <= 0:
             return None
@@ -83,10 +105,11 @@ class ResultVerifier:
 
     @property
     def reports(self) -> list[VerificationReport]:
-        return self.session.reports
+        """Every verdict of the model's checks so far (the standing keeps them)."""
+        return list(self.standing.reports)
 
     # -- on the step path: bookkeeping only --------------------------------------------------------
-    def on_step(self, session: InferenceSession, start: int, positions: int) -> None:
+    def on_step(self, session: SessionView, start: int, positions: int) -> None:
         """After each completed step: follows every hop's attestations; queues the window when due."""
         end = start + positions
         for stream in session.hops:
@@ -150,7 +173,8 @@ class ResultVerifier:
             self._running = True
             try:
                 for snapshot in window.hops:
-                    check = HopCheck(self.session, self.stats, self._rng, window, snapshot, self._superseded)
+                    check = HopCheck(self.session, self.standing, self.stats, self._rng, window, snapshot,
+                                     self._superseded)
                     self.results.append(await check.run())
             finally:
                 self._running = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from brigade.client.evidence import AttestationChain, badly_signed, first_mismatch
+from brigade.client.verify.evidence import AttestationChain, badly_signed, first_mismatch
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import attest, tensor_digest
 from brigade.protocol.identity import Identity
