@@ -78,6 +78,7 @@ class RouteRepair:
     pad_lengths: list[int]
     position: int
     rope_lengths: list[int]
+    unforwardable: set[tuple[str, str]]
     _step_id: int
     _wire_dtype: torch.dtype
 
@@ -164,7 +165,7 @@ class RouteRepair:
     async def _unlink(self, index: int, reason: str) -> None:
         """Hop ``index`` could not reach hop ``index + 1``: carry that pair's activations from now on."""
         sender, receiver = self.hops[index], self.hops[index + 1]
-        self.standing.cannot_forward(sender.peer_id, receiver.peer_id)
+        self.unforwardable.add((sender.peer_id, receiver.peer_id))
         sender.session_next = None
         receiver.session_upstream = ""
         receiver.receives_push = False
@@ -186,7 +187,7 @@ class RouteRepair:
             if not 0 <= index < len(streams) - 1:
                 continue
             sender, receiver = streams[index], streams[index + 1]
-            if (sender.peer_id, receiver.peer_id) in self.standing.unforwardable:
+            if (sender.peer_id, receiver.peer_id) in self.unforwardable:
                 continue
             sender.session_next = receiver.next_hop()
             receiver.session_upstream = sender.peer_id
@@ -236,12 +237,12 @@ class RouteRepair:
             next_hop = None
             if link_now and index + 1 < len(route):
                 following = route[index + 1]
-                if (hop.peer.peer_id, following.peer.peer_id) not in self.standing.unforwardable:
+                if (hop.peer.peer_id, following.peer.peer_id) not in self.unforwardable:
                     next_hop = pb.NextHop(peer_id=following.peer.peer_id, address=following.peer.address,
                                           session_id=session_ids[index + 1], tls_cert=following.peer.tls_cert,
                                           relay_peer_id=following.peer.relay_peer_id)
             previous = route[index - 1].peer.peer_id if link_now and index > 0 else ""
-            if previous and (previous, hop.peer.peer_id) in self.standing.unforwardable:
+            if previous and (previous, hop.peer.peer_id) in self.unforwardable:
                 previous = ""
             opens.append(HopStream.open(
                 self.swarm, hop, batch_size=self.batch_size, max_length=self.max_length,

@@ -51,7 +51,8 @@ class InferenceSession(RouteRepair):
     ):
         self.swarm = swarm
         self.config = swarm.config
-        self.standing = standing  # bans, leaving, distrusted, unforwardable pairs: shared by the model's sessions
+        self.standing = standing  # bans, leaving, distrusted: shared by the model's sessions
+        self.unforwardable: set[tuple[str, str]] = set()  # peer pairs of this session that could not reach each other
         self.batch_size = batch_size
         self.max_length = max_length
         self.pad_lengths = pad_lengths

@@ -1,5 +1,8 @@
 """What the client knows about peers, in one place: bans, leaving, distrusted, and the evidence.
 
+(Which pairs of peers could not reach each other is a session's own knowledge: the path of one
+session's pair says little about another's, and a killed receiver that restarts is reachable again.)
+
 Every session of a model, its result checks and its stateless passes consult and update this one
 object. A check that catches a peer records its verdict here (``distrust``) instead of writing
 into the session it checked; the session's step loop asks ``excluded()`` when it routes, so a
@@ -17,8 +20,9 @@ from brigade.client.bans import PeerBans
 
 MAX_REPORTS_KEPT = 256  # verdicts kept as evidence (each holds a few attestations)
 MAX_REMEMBERED = 4096  # entries a timed set keeps (the oldest go first)
-LEAVING_MEMORY_S = 60.0  # a peer that said it is leaving is avoided this long (then its record says)
-UNFORWARDABLE_MEMORY_S = 60.0  # a pair that could not reach each other is carried by the client this long
+# A peer that said it is leaving is avoided this long; by then its record says so itself (routing skips
+# leaving records), and a peer that restarted since (same id) is usable again at once after it.
+LEAVING_MEMORY_S = 10.0
 
 K = TypeVar("K", bound=Hashable)
 
@@ -54,8 +58,6 @@ class PeerStanding:
         self.leaving: TimedSet[str] = TimedSet(LEAVING_MEMORY_S)  # said they are draining: avoided, never banned
         self.distrusted: set[str] = set()  # peers a result check caught returning wrong results: never used again
         self.reports: deque[Any] = deque(maxlen=MAX_REPORTS_KEPT)  # client/verify's VerificationReport, newest last
-        # (sender, receiver) pairs that could not reach each other: the client carries them for a while
-        self.unforwardable: TimedSet[tuple[str, str]] = TimedSet(UNFORWARDABLE_MEMORY_S)
 
     def excluded(self) -> set[str]:
         """Peers no route may use now."""
@@ -74,6 +76,3 @@ class PeerStanding:
         """A check's verdict: every accused peer is dropped from every session, the report kept as evidence."""
         self.distrusted.update(report.accused)
         self.reports.append(report)
-
-    def cannot_forward(self, sender: str, receiver: str) -> None:
-        self.unforwardable.add((sender, receiver))
