@@ -34,7 +34,7 @@ def test_a_peer_killed_past_the_dynamic_ntk_switch_is_replaced_with_the_same_tok
     assert len(set(expected[0, ids.shape[1] :].tolist())) >= NEW_TOKENS // 3, "reference tokens must vary"
     length = real.max_length() + 8
     args = [*FAST_PEER_ARGS, "--throughput", "500", "--client-cache-share", "1", "--max-session-length", str(length),
-            "--cache-tokens", str(2 * length)]
+            "--cache-tokens", str(8 * length)]
     with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
         swarm.start_bootstrap()
         for span in [(0, 1), (1, 3), (1, 3)]:  # the second hop twice: one to kill, one to take over
@@ -69,7 +69,7 @@ def test_a_peer_forwarding_other_rope_lengths_frames_nobody_and_changes_no_token
                                                   max_new_tokens=NEW_TOKENS, do_sample=False)
     length = real.max_length() + 8
     args = [*FAST_PEER_ARGS, "--throughput", "500", "--client-cache-share", "1", "--max-session-length", str(length),
-            "--cache-tokens", str(2 * length)]
+            "--cache-tokens", str(8 * length)]
     with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
         swarm.start_bootstrap()
         swarm.add_peer(str(checkpoint), (0, 1), extra_args=args, wait=False, entry=evil_entry("rope:1"))

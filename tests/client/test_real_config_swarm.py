@@ -39,7 +39,7 @@ def served(request: pytest.FixtureRequest, shared_bootstrap: list[str],
     swarm = LocalSwarm(folder / "swarm", peer_threads=PEER_THREADS)
     swarm.initial_peers = shared_bootstrap  # closing this swarm stops only its peers
     length = real.max_length() + 8
-    args = [*PEER_ARGS, "--max-session-length", str(length), "--cache-tokens", str(2 * length)]
+    args = [*PEER_ARGS, "--max-session-length", str(length), "--cache-tokens", str(8 * length)]
     try:
         for span in real.spans():
             swarm.add_peer(str(checkpoint), span, extra_args=args, wait=False)
