@@ -13,6 +13,7 @@ import grpc
 from brigade.client.config import ClientConfig
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
+from brigade.protocol.channel_cache import ChannelCache, DialKey
 from brigade.protocol.channels import handshake_failure, peer_channel
 from brigade.protocol.errors import MissingLayersError
 from brigade.protocol.identity import Identity
@@ -23,6 +24,8 @@ from brigade.routing.route import Hop, RouteCosts, find_route
 from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
+
+MAX_CHANNELS = 256  # peers this client keeps a channel open to (least recently used closed first)
 
 class RemoteSwarm:
     """Lives on the client's event loop; ``start`` joins the DHT, ``close`` leaves it."""
@@ -39,7 +42,7 @@ class RemoteSwarm:
         self._dht: Any = None
         self._records: list[PeerRecord] = []
         self._records_at = float("-inf")
-        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._channels = ChannelCache(MAX_CHANNELS)  # keyed by the whole dial: a copied address+pin poisons nothing
         self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
         self.latency = LatencyBook()  # what this client measured of each peer (round trips, compute speed)
 
@@ -158,18 +161,15 @@ class RemoteSwarm:
         return ms
 
     def stub(self, record: PeerRecord) -> pb_grpc.PeerStub:
-        """A stub on a channel pinned to ``record``'s certificate (one channel per address and certificate)."""
-        key = (record.address, record.tls_spki_sha256)
-        channel = self._channels.get(key)
-        if channel is None:
-            channel = peer_channel(record, self.config.max_message_bytes, allow_insecure=self.config.allow_insecure)
-            self._channels[key] = channel
+        """A stub on a channel pinned to ``record``'s certificate: one channel per peer id, address,
+        certificate and relay, so another record copying this one's address and pin cannot share it."""
+        key = DialKey(record.peer_id, record.address, record.tls_cert, record.tls_spki_sha256, record.relay_peer_id)
+        channel = self._channels.get(key, lambda: peer_channel(
+            record, self.config.max_message_bytes, allow_insecure=self.config.allow_insecure))
         return pb_grpc.PeerStub(channel)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
         if self._dht is not None:
             await asyncio.to_thread(self._dht.shutdown)
             self._dht = None

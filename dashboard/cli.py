@@ -20,6 +20,17 @@ InitialPeers = Annotated[list[str] | None, typer.Option("--initial-peers", help=
 Snapshot = Annotated[Path | None, typer.Option(help="Read a saved snapshot (JSON) instead of the DHT.")]
 ProbeTimeout = Annotated[float, typer.Option(help="Seconds one peer's Info probe may take.")]
 ProbeConcurrency = Annotated[int, typer.Option(help="Probes in flight at once (0: do not probe).")]
+PrivateSwarm = Annotated[bool | None, typer.Option(
+    "--private-swarm/--public-swarm",
+    help="Probe private, loopback and link-local addresses that records name (a LAN or test swarm). "
+         "Default: private only when every --initial-peers address is one.")]
+
+
+def _private(initial_peers: list[str] | None, private_swarm: bool | None) -> bool:
+    """Whether to probe non-public addresses: as told, else when the swarm is joined only through such."""
+    from brigade.protocol.targets import joins_privately
+
+    return private_swarm if private_swarm is not None else joins_privately(initial_peers or (), ())
 
 
 def _source(initial_peers: list[str] | None, snapshot: Path | None) -> SwarmSource:
@@ -44,6 +55,7 @@ def dashboard(
     history_hours: Annotated[float, typer.Option(help="Hours of history kept for the charts.")] = 6.0,
     forget_after: Annotated[float, typer.Option(help="Seconds a peer gone from the DHT stays listed.")] = 900.0,
     snapshot: Snapshot = None,
+    private_swarm: PrivateSwarm = None,
 ) -> None:
     """Serve the swarm health page, its JSON API and Prometheus metrics (read-only)."""
     import asyncio
@@ -57,7 +69,8 @@ def dashboard(
     try:
         config = CrawlerConfig(period_s=crawl_period, probe_timeout_s=probe_timeout,
                                probe_concurrency=probe_concurrency, history_s=history_hours * 3600,
-                               forget_after_s=forget_after)
+                               forget_after_s=forget_after,
+                               allow_private=_private(initial_peers, private_swarm))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     asyncio.run(_serve(_source(initial_peers, snapshot), config, host, port))
@@ -109,6 +122,7 @@ def status(
     probe_concurrency: ProbeConcurrency = 32,
     save_snapshot: Annotated[Path | None, typer.Option(help="Also save the raw values read, for --snapshot.")] = None,
     snapshot: Snapshot = None,
+    private_swarm: PrivateSwarm = None,
 ) -> None:
     """Crawl the swarm once and print each model's verdict, coverage and peers."""
     import asyncio
@@ -123,7 +137,8 @@ def status(
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     source = _source(initial_peers, snapshot)
-    crawler = Crawler(source, CrawlerConfig(probe_timeout_s=probe_timeout, probe_concurrency=probe_concurrency))
+    crawler = Crawler(source, CrawlerConfig(probe_timeout_s=probe_timeout, probe_concurrency=probe_concurrency,
+                                            allow_private=_private(initial_peers, private_swarm)))
 
     async def once() -> None:
         try:

@@ -44,6 +44,7 @@ class CrawlerConfig:
     forget_after_s: float = 900.0  # seconds a peer gone from the DHT is still listed (as gone)
     max_remembered: int = 20_000  # peers remembered at most, all models together
     join_retry_s: float = 10.0  # seconds before trying again to join a DHT that refused us
+    allow_private: bool = False  # probe private, loopback and link-local addresses (a private swarm)
 
     def __post_init__(self) -> None:
         if self.period_s <= 0 or self.probe_timeout_s <= 0 or self.crawl_timeout_s <= 0:
@@ -138,7 +139,8 @@ class Crawler:
                 probes: dict[tuple[str, str], ProbeResult] = {}
                 if self.config.probe_concurrency > 0:
                     probes = await probe_all(records, timeout_s=self.config.probe_timeout_s,
-                                             concurrency=self.config.probe_concurrency)
+                                             concurrency=self.config.probe_concurrency,
+                                             allow_private=self.config.allow_private)
         except TimeoutError:
             self._fail(f"the crawl took longer than {self.config.crawl_timeout_s:g} s and was abandoned", began)
             return False

@@ -8,6 +8,11 @@ is an unreachable result with the reason.
 The first call opens the connection; the round trip reported is the second call's, on the open
 connection, because that is what a client pays per message (TCP and HTTP/2 set-up are paid once
 per session, and would double the figure).
+
+Records are anyone's to write, so a probe is a dial made on a stranger's word: outside a private
+swarm only public addresses are dialed (``protocol/targets.py``; names resolved and pinned to a
+public IP), and the error shown on the public page is a coarse reason, never the text gRPC or
+OpenSSL gave (which would tell the world what answers at an address inside someone's network).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channels import peer_channel
 from brigade.protocol.records import PeerRecord
+from brigade.protocol.targets import ForbiddenTargetError, dial_target
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +66,20 @@ def address_problem(address: str) -> str:
     return ""
 
 
-async def probe_peer(record: PeerRecord, timeout_s: float) -> ProbeResult:
-    """Calls ``Info`` twice on one connection within ``timeout_s`` and checks who answered."""
+async def probe_peer(record: PeerRecord, timeout_s: float, *, allow_private: bool = False) -> ProbeResult:
+    """Calls ``Info`` twice on one connection within ``timeout_s`` and checks who answered.
+
+    ``allow_private``: the swarm is private, so loopback, LAN and link-local addresses are dialed too.
+    """
     problem = address_problem(record.address)
     if problem:
         return ProbeResult(False, error=f"not probed: {problem}")
+    try:
+        address = await dial_target(record.address, allow_private=allow_private, timeout_s=timeout_s)
+    except ForbiddenTargetError as error:
+        return ProbeResult(False, error=f"not probed: {error}")
+    if address != record.address:
+        record = record.model_copy(update={"address": address})
     # Probing only reads Info, so a plain-text peer (a --insecure test swarm) is probed too; clients
     # still refuse it. A certificate in the record is pinned as everywhere else.
     channel = peer_channel(record, max_message_bytes=_MAX_INFO_BYTES, allow_insecure=True)
@@ -80,9 +95,11 @@ async def probe_peer(record: PeerRecord, timeout_s: float) -> ProbeResult:
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ProbeResult(False, error=f"no answer within {timeout_s:g} s")
-        return ProbeResult(False, error=f"{e.code().name}: {_first_line(e.details())}")
+        logger.debug("probe of %s failed: %s %s", record.peer_id, e.code(), _first_line(e.details()))
+        return ProbeResult(False, error=f"unreachable ({e.code().name})")
     except Exception as e:  # a malformed address, a channel that cannot be built
-        return ProbeResult(False, error=f"probe failed: {_first_line(repr(e))}")
+        logger.debug("probe of %s failed: %r", record.peer_id, e)
+        return ProbeResult(False, error="probe failed: the record cannot be dialed")
     finally:
         await _close(channel)
     # An address outlives its peer: another process (or another peer) may have its port now.
@@ -108,7 +125,7 @@ def _first_line(text: str | None, limit: int = 160) -> str:
 
 
 async def probe_all(
-    records: Iterable[PeerRecord], *, timeout_s: float, concurrency: int
+    records: Iterable[PeerRecord], *, timeout_s: float, concurrency: int, allow_private: bool = False
 ) -> dict[tuple[str, str], ProbeResult]:
     """(model, peer id) -> probe result for every record; ``concurrency`` workers share one queue."""
     pending = list(records)
@@ -119,7 +136,8 @@ async def probe_all(
 
     async def worker() -> None:
         for record in queue:  # one shared iterator: each record is taken by exactly one worker
-            results[record.model_name, record.peer_id] = await probe_peer(record, timeout_s)
+            result = await probe_peer(record, timeout_s, allow_private=allow_private)
+            results[record.model_name, record.peer_id] = result
 
     async with asyncio.TaskGroup() as group:
         for index in range(min(max(1, concurrency), len(pending))):

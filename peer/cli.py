@@ -68,6 +68,11 @@ def run(
         help="Seconds open sessions may finish on SIGTERM.")] = PeerConfig.drain_grace_s,
     insecure: Annotated[bool, typer.Option(
         help="Plain-text gRPC, no client tokens: private tests only.")] = PeerConfig.insecure,
+    private_swarm: Annotated[bool | None, typer.Option(
+        "--private-swarm/--public-swarm",
+        help="Dial private, loopback and link-local addresses that records and requests name (a LAN or test "
+             "swarm). Default: private only when every --initial-peers address (or, with none, --host) is one.")]
+    = None,
     max_sessions_per_client: Annotated[int, typer.Option(
         help="Open sessions one client may hold.")] = PeerConfig.max_sessions_per_client,
     client_cache_share: Annotated[float, typer.Option(

@@ -47,6 +47,9 @@ class PeerConfig:
     record_ttl_s: float = 20.0  # records expire this long after the last refresh: a dead peer is gone in 2 periods
     drain_grace_s: float = 20.0  # on SIGTERM, how long open sessions may finish
     insecure: bool = False  # plain-text gRPC and no client tokens: private test swarms only
+    # Dial private, loopback and link-local addresses on others' word (probes, next hops, relays)?
+    # None = private exactly when the swarm is joined only through such addresses (protocol/targets.py).
+    private_swarm: bool | None = None
     max_sessions_per_client: int = 64  # open sessions one client identity may hold here
     client_cache_share: float = 0.25  # share of the KV cache pool one client identity may hold
     max_session_bytes: int | None = None  # input bytes one session may send in all; None = 4x its full cache span
@@ -124,6 +127,15 @@ class PeerConfig:
         require(self.cache_page_tokens > 0, f"cache_page_tokens must be positive, got {self.cache_page_tokens}")
         require(self.cache_tokens is None or self.cache_tokens > 0,
                 f"cache_tokens (--cache-tokens) must be positive, got {self.cache_tokens}")
+
+    @property
+    def allows_private_targets(self) -> bool:
+        """Whether this peer dials non-public addresses that records or requests name (a private swarm)."""
+        if self.private_swarm is not None:
+            return self.private_swarm
+        from brigade.protocol.targets import joins_privately
+
+        return joins_privately(self.initial_peers, (self.host, self.announce_host or self.host))
 
     @property
     def peer_filter(self) -> PeerFilter:

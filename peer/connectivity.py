@@ -29,6 +29,7 @@ from brigade.peer.relayed import RelayedLink, RelayState, relay_candidates
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, parse_address
+from brigade.protocol.targets import dialable
 from brigade.routing.swarm import fetch_index, fetch_records
 
 logger = logging.getLogger(__name__)
@@ -79,13 +80,15 @@ class Connectivity:
     def add_services(self, server: grpc.aio.Server) -> None:
         """Registers ``Probe`` (always) and ``Relay`` (with ``--relay``) on the peer's gRPC server."""
         pb_grpc.add_ReachabilityServicer_to_server(
-            ProbeService(self.identity.peer_id, allow_insecure=self.config.insecure), server)
+            ProbeService(self.identity.peer_id, allow_insecure=self.config.insecure,
+                         allow_private=self.config.allows_private_targets), server)
         if self.config.relay:
             limits = RelayLimits(
                 max_peers=self.config.relay_max_peers, max_connections=self.config.relay_max_connections,
                 max_connections_per_peer=self.config.relay_max_connections_per_peer,
                 max_bytes_per_hour=self.config.relay_max_bytes_per_hour)
-            self.relay_service = RelayService(self.identity.peer_id, lambda: self.relay_address, limits)
+            self.relay_service = RelayService(self.identity.peer_id, lambda: self.relay_address, limits,
+                                              admits=self.config.peer_filter.admits)
             pb_grpc.add_RelayServicer_to_server(self.relay_service, server)
 
     async def start(self, *, direct_address: str, tls_cert: str, bound_port: int,
@@ -127,13 +130,18 @@ class Connectivity:
 
     async def _records(self, enough: Callable[[list[PeerRecord]], bool]) -> list[PeerRecord]:
         """This model's records, plus other models' when they are not ``enough`` (a new model's first peers)."""
-        records = await fetch_records(self._dht, self.model_name)
+        # Probers and relays are dialed on their records' word: the peer filter and, outside a private
+        # swarm, public addresses only (protocol/targets.py).
+        allow_private, peer_filter = self.config.allows_private_targets, self.config.peer_filter
+        records = dialable(await fetch_records(self._dht, self.model_name, peer_filter=peer_filter),
+                           allow_private=allow_private)
         if enough(records):
             return records
         names = sorted({entry.model_name for entry in await fetch_index(self._dht)} - {self.model_name})
         self._rng.shuffle(names)
         for name in names[:MAX_OTHER_MODELS]:
-            records += await fetch_records(self._dht, name)
+            records += dialable(await fetch_records(self._dht, name, peer_filter=peer_filter),
+                                allow_private=allow_private)
         return records
 
     async def _find_relays(self) -> list[PeerRecord]:

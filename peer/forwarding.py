@@ -1,7 +1,11 @@
 """Peer-to-peer forwarding: a session's outputs go straight to the next hop's session.
 
 The client opens every hop's session itself and tells each peer where its outputs go
-(``OpenSession.next``): the next peer's address, its session id and the certificate to pin. The
+(``OpenSession.next``, or later ``Relink``): the next peer's id and its session id. Where that
+peer is reached (address, certificate, relay) comes from the next peer's own signed record, which
+this peer reads from the DHT itself (``ForwardChannels``): what the client writes in those fields
+is ignored, so no client can make a peer dial an address of its choosing (an SSRF). Outside a
+private swarm the record's address must also be public (``protocol/targets.py``). The
 first output opens one push stream to that peer, attaches it to the session with a token signed by
 this peer's identity (the next peer accepts it only from the ``upstream_peer_id`` the client
 named), and from then on every output chunk is one ``Step`` message on it. A decode step then
@@ -9,26 +13,106 @@ costs one network trip per hop plus one back to the client, instead of two per h
 
 When the next hop cannot be reached, ``send`` raises ``ForwardError`` and the servicer returns the
 output to the client instead (``forward_error``), which carries on client-driven for that pair.
+The error says only a coarse reason ("no signed record", "not a public address", "unreachable",
+"timed out"); the details (addresses, OpenSSL's words) go to this peer's log, never to the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
+from brigade.protocol.channel_cache import ChannelCache, DialKey
+from brigade.protocol.channels import InsecurePeerError, peer_channel
 from brigade.protocol.identity import Identity
+from brigade.protocol.messages import NextHop
+from brigade.protocol.records import PeerRecord, newest_per_peer
+from brigade.protocol.targets import ForbiddenTargetError, dial_target
+from brigade.protocol.tls import TlsPinError
 from brigade.protocol.tokens import make_token
 
 logger = logging.getLogger(__name__)
 
 
+RECORDS_MAX_AGE_S = 5.0  # a read of the swarm's records serves next-hop look-ups this long
+RECORDS_RETRY_S = 1.0  # an unknown next hop triggers a fresh read when the last is older than this
+MAX_FORWARD_CHANNELS = 64  # next-hop channels kept open (least recently used closed first)
+
+
 class ForwardError(ConnectionError):
-    """The next hop could not take a forwarded step."""
+    """The next hop could not take a forwarded step (the message is a coarse reason, safe to return)."""
+
+
+class ForwardChannels:
+    """Channels to next hops, dialed from each next peer's own signed record; bounded, keyed by the whole dial."""
+
+    def __init__(self, read_records: Callable[[], Awaitable[list[PeerRecord]]], *, allow_private: bool,
+                 allow_insecure: bool, max_message_bytes: int, max_channels: int = MAX_FORWARD_CHANNELS):
+        """``read_records()`` reads this model's records from the DHT (peer filter applied). No I/O here."""
+        self._read_records = read_records
+        self.allow_private = allow_private
+        self.allow_insecure = allow_insecure
+        self.max_message_bytes = max_message_bytes
+        self._cache = ChannelCache(max_channels)
+        self._records: dict[str, PeerRecord] = {}
+        self._read_at = float("-inf")
+        self._reading = asyncio.Lock()
+
+    async def record_of(self, peer_id: str) -> PeerRecord | None:
+        """``peer_id``'s newest signed record, read at most every ``RECORDS_RETRY_S`` when unknown."""
+        age = time.monotonic() - self._read_at
+        if age > RECORDS_MAX_AGE_S or (peer_id not in self._records and age > RECORDS_RETRY_S):
+            async with self._reading:
+                if time.monotonic() - self._read_at > RECORDS_RETRY_S:
+                    self._records = newest_per_peer(await self._read_records())
+                    self._read_at = time.monotonic()
+        return self._records.get(peer_id)
+
+    async def channel_for(self, peer_id: str) -> grpc.aio.Channel:
+        """The channel to ``peer_id`` as its record describes it; ForwardError (coarse) when it cannot be had."""
+        try:
+            record = await self.record_of(peer_id)
+        except Exception as error:  # a DHT hiccup is this peer's problem, not the client's request
+            logger.warning("reading records for next hop %s failed: %r", peer_id[:64], error)
+            raise ForwardError("the next hop's record could not be read") from error
+        if record is None:
+            raise ForwardError("the next hop has no signed record in this swarm")
+        try:
+            address = await dial_target(record.address, allow_private=self.allow_private)
+        except ForbiddenTargetError as error:
+            logger.info("not forwarding to %s at %s: %s", peer_id[:64], record.address[:100], error)
+            raise ForwardError(f"the next hop's address is refused: {error}") from error
+        dialed = record.model_copy(update={"address": address}) if address != record.address else record
+        key = DialKey(record.peer_id, address, record.tls_cert, record.tls_spki_sha256, record.relay_peer_id)
+        try:
+            return self._cache.get(key, lambda: peer_channel(dialed, self.max_message_bytes,
+                                                             allow_insecure=self.allow_insecure))
+        except (InsecurePeerError, TlsPinError, ValueError) as error:
+            logger.info("not forwarding to %s: %r", peer_id[:64], error)
+            raise ForwardError("the next hop's record cannot be dialed from here") from error
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    async def close(self) -> None:
+        await self._cache.close()
+
+
+def _coarse(error: BaseException) -> str:
+    """What a caller may learn of a failed forward: a reason, never an address or a library's words."""
+    if isinstance(error, ForwardError):
+        return str(error)
+    if isinstance(error, TimeoutError):
+        return "the next hop did not take the step in time"
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"the next hop is unreachable ({error.code().name})"
+    return "the next hop is unreachable"
 
 
 class Forwarder:
@@ -36,11 +120,13 @@ class Forwarder:
 
     def __init__(
         self,
-        next_hop: pb.NextHop,
+        next_hop: NextHop,
         identity: Identity,
-        channel_for: Callable[[pb.NextHop], grpc.aio.Channel],
+        channel_for: Callable[[str], Awaitable[grpc.aio.Channel]],
         timeout_s: float,
     ):
+        """``channel_for(peer_id)`` is ``ForwardChannels.channel_for``: only the next hop's id and
+        session id are taken from ``next_hop``; where to dial comes from that peer's record."""
         self.next_hop = next_hop
         self._identity = identity
         self._channel_for = channel_for
@@ -60,12 +146,13 @@ class Forwarder:
                 await self._call.write(pb.InferenceRequest(session_id=self.next_hop.session_id, step=step))
         except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError, ConnectionError, OSError,
                 ValueError) as error:
-            self.broken = f"could not forward to {self.next_hop.peer_id} at {self.next_hop.address}: {error!r}"
+            logger.info("could not forward to %s: %r", self.next_hop.peer_id[:64], error)
+            self.broken = f"could not forward to {self.next_hop.peer_id[:64]}: {_coarse(error)}"
             self.close()
             raise ForwardError(self.broken) from error
 
     async def _open(self) -> None:
-        channel = self._channel_for(self.next_hop)
+        channel = await self._channel_for(self.next_hop.peer_id)
         call = pb_grpc.PeerStub(channel).Inference()
         token = make_token(self._identity, self.next_hop.peer_id, "attach", self.next_hop.session_id.encode())
         await call.write(pb.InferenceRequest(attach=pb.Attach(session_id=self.next_hop.session_id, token=token)))

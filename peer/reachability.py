@@ -9,10 +9,13 @@ very peer, not to something else listening on that port.
 A prober dials only the IP address the request came from (like libp2p's AutoNAT): the probe
 cannot be used to make swarm members connect to third parties or scan their networks. A peer that
 announces another address than the one its connections leave from (its LAN address behind a
-router, say) is told so, which is exactly the advice it needs. One exception: a request that
-arrives from the prober's own loopback came through a local TCP proxy in front of the prober (a
-delay proxy, a port forwarder), which hides the real source; then the prober dials the announced
-address as given. Either way it reports only "reachable" or a coarse reason, never banners.
+router, say) is told so, which is exactly the advice it needs. Outside a private swarm
+(``protocol/targets.py``) the source must also be a public address: a request from the prober's
+own loopback is refused, since relayed connections (``peer/relayed.py``) arrive from there and
+would otherwise turn the prober into a scanner of its own network. In a private swarm (a LAN, a
+test swarm, the testbed's delay proxies) a loopback source means a local TCP proxy in front of
+the prober, which hides the real source; then the prober dials the announced address as given.
+Either way it reports only "reachable" or a coarse reason, never banners or error texts.
 
 The verdict is the majority of the probers that answered (a tie counts as unreachable: a relayed
 peer works for everyone, a wrongly direct one fails every client); no answer at all is "unknown"
@@ -37,6 +40,7 @@ from brigade.protocol.channels import InsecurePeerError, dial, peer_channel
 from brigade.protocol.errors import InvalidTokenError
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, newest_per_peer, parse_address
+from brigade.protocol.targets import is_public
 from brigade.protocol.tls import TlsPinError
 from brigade.protocol.tokens import TokenVerifier, make_token
 
@@ -76,6 +80,13 @@ def _same_ip(host: str, observed: str) -> bool:
         return False
 
 
+def _ip_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -97,19 +108,23 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def probe_target(address: str, observed: str) -> str | None:
+def probe_target(address: str, observed: str, *, allow_private: bool = False) -> str | None:
     """What a prober dials for a request from ``observed`` announcing ``address``; None: refuse (or
     resolve first, when the announced host is a DNS name).
 
-    The observed IP with the announced port when the announced host is that IP; the announced
-    address as given when the request came from this machine's loopback (a local proxy in front of
-    the prober hides the real source).
+    The observed IP with the announced port when the announced host is that IP; in a private swarm,
+    the announced address as given when the request came from this machine's loopback (a local
+    proxy in front of the prober hides the real source). Outside one, only a public source is dialed.
     """
     parsed = parse_address(address)
     if parsed is None or not observed:
         return None
     host, port = parsed
-    if _is_loopback(observed):
+    if not allow_private:
+        ip = _ip_or_none(observed)
+        if ip is None or not is_public(ip):
+            return None
+    elif _is_loopback(observed):
         return address
     return _join(observed, port) if _same_ip(host, observed) else None
 
@@ -117,10 +132,12 @@ def probe_target(address: str, observed: str) -> str | None:
 class ProbeService(pb_grpc.ReachabilityServicer):
     """Answers other peers' probes: dial back, check, report. Never more than ``max_concurrent`` at once."""
 
-    def __init__(self, peer_id: str, *, allow_insecure: bool = False, max_concurrent: int = 4,
+    def __init__(self, peer_id: str, *, allow_insecure: bool = False, allow_private: bool = False,
+                 max_concurrent: int = 4,
                  default_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, max_timeout_s: float = MAX_PROBE_TIMEOUT_S):
         self.peer_id = peer_id
         self.allow_insecure = allow_insecure
+        self.allow_private = allow_private  # a private swarm: loopback/LAN sources are dialed too
         self.max_concurrent = max_concurrent
         self.default_timeout_s = default_timeout_s
         self.max_timeout_s = max_timeout_s
@@ -145,13 +162,15 @@ class ProbeService(pb_grpc.ReachabilityServicer):
         timeout_s = min(request.timeout_s or self.default_timeout_s, self.max_timeout_s)
         self._busy += 1
         try:
-            target = probe_target(request.address, observed)
-            if target is None and await _resolves_to(host, observed, timeout_s):
+            target = probe_target(request.address, observed, allow_private=self.allow_private)
+            source_ok = self.allow_private or ((ip := _ip_or_none(observed)) is not None and is_public(ip))
+            if target is None and source_ok and await _resolves_to(host, observed, timeout_s):
                 target = _join(observed, port)
             if target is None:
-                return pb.ProbeResponse(
-                    detail=f"announces {host} but its connections come from {observed or 'an unknown address'}; "
-                           f"a probe only dials the address a request came from", observed_host=observed)
+                detail = (f"announces {host} but its connections come from {observed or 'an unknown address'}; "
+                          f"a probe only dials the address a request came from") if source_ok else (
+                          "a probe dials only a public address a request came from (this swarm is not private)")
+                return pb.ProbeResponse(detail=detail, observed_host=observed)
             reachable, detail, rtt_ms = await dial_back(target, request.tls_cert, requester, timeout_s,
                                                         allow_insecure=self.allow_insecure)
         finally:
@@ -165,14 +184,17 @@ async def dial_back(address: str, tls_cert: str, expected_peer_id: str, timeout_
     try:
         channel = dial(address, tls_cert, allow_insecure=allow_insecure)
     except (InsecurePeerError, TlsPinError) as error:
-        return False, str(error), 0.0
+        logger.debug("probe of %s not dialed: %r", address, error)
+        return False, "the certificate cannot be dialed", 0.0
     began = time.perf_counter()
     try:
         info = await pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=timeout_s)
     except grpc.aio.AioRpcError as error:
+        # Only a coarse reason goes back: the details (OpenSSL's words, a service's banner) stay here.
+        logger.debug("probe of %s failed: %s %s", address, error.code(), error.details())
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return False, f"no connection within {timeout_s:.1f} s (incoming connections are dropped)", 0.0
-        return False, f"{error.code().name}: {(error.details() or '')[:200]}", 0.0
+        return False, f"no brigade peer answered ({error.code().name})", 0.0
     finally:
         await channel.close()
     rtt_ms = (time.perf_counter() - began) * 1000

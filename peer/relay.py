@@ -12,9 +12,12 @@ the relayed peer's signed record: the relay holds no key, so it sees neither ten
 and cannot change a byte without breaking the session. It can only drop or delay traffic, which
 the client treats like any failed hop.
 
-Bounds: the CONNECT preamble (size and time), the wait for the relayed peer's Splice, one read of
-at most ``CHUNK_BYTES`` in flight per direction, and the volunteer's caps: relayed peers,
-connections in all and per relayed peer, and bytes per relayed peer per hour.
+Bounds (``peer/relay_limits.py``): the CONNECT preamble (size and time), the wait for the relayed
+peer's Splice, one read of at most ``CHUNK_BYTES`` in flight per direction, an idle timeout on
+every carried connection, and the volunteer's caps: relayed peers (in all and per source IP, and
+only identities the peer filter admits), connections (in all, per relayed peer and per client
+source IP), and bytes per relayed peer per hour. A relayed peer that does not take its notices is
+dropped, and a connection whose notice cannot be queued is refused with 503, never an exception.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from brigade.peer.reachability import observed_host
+from brigade.peer.relay_limits import ByteBudget, RelayLimits, SourceCounts
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.channels import relayed_peer_of
@@ -44,40 +49,7 @@ CONNECTION_ID_BYTES = 16
 Tap = Callable[[str, bytes], None]  # (direction "up" = client to peer | "down", bytes) for tests and metrics
 
 
-@dataclass(frozen=True)
-class RelayLimits:
-    """What a volunteer lets its relay carry."""
-
-    max_peers: int = 16  # relayed peers registered at once
-    max_connections: int = 128  # client connections carried at once, all relayed peers together
-    max_connections_per_peer: int = 32  # ... and for one relayed peer
-    max_bytes_per_hour: int = 4 << 30  # bytes forwarded (both directions) per relayed peer per clock hour; 0 = no cap
-    preamble_timeout_s: float = 5.0  # a client must send its CONNECT within this
-    splice_timeout_s: float = 5.0  # the relayed peer must open the connection's Splice within this
-    register_timeout_s: float = 10.0  # a Tunnel stream must register within this
-
-
-class _ByteBudget:
-    """Bytes one relayed peer may still use in the current hour (a fixed window: simple to explain)."""
-
-    def __init__(self, per_hour: int, clock: Callable[[], float]):
-        self.per_hour = per_hour
-        self._clock = clock
-        self._window = -1
-        self.used = 0
-
-    def charge(self, count: int) -> bool:
-        """Counts ``count`` bytes; False once the hour's budget is spent (the connection must stop)."""
-        if self.per_hour <= 0:
-            return True
-        window = int(self._clock() // 3600)
-        if window != self._window:
-            self._window, self.used = window, 0
-        self.used += count
-        return self.used <= self.per_hour
-
-    def exhausted(self) -> bool:
-        return self.per_hour > 0 and int(self._clock() // 3600) == self._window and self.used >= self.per_hour
+_ByteBudget = ByteBudget  # the name tests and older callers use
 
 
 @dataclass(eq=False)
@@ -87,6 +59,7 @@ class _Connection:
     peer_id: str
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    source: str  # the client's IP
     attached: asyncio.Event = field(default_factory=asyncio.Event)  # the relayed peer's Splice arrived
     done: asyncio.Event = field(default_factory=asyncio.Event)  # the splice ended (either side)
 
@@ -96,7 +69,8 @@ class _Registration:
     """A relayed peer's tunnel: where Incoming notices go."""
 
     peer_id: str
-    budget: _ByteBudget
+    source: str  # the IP the tunnel came from
+    budget: ByteBudget
     notices: asyncio.Queue[pb.RelayNotice | None]  # None ends the tunnel; bounded by the connection cap
     connections: set[_Connection] = field(default_factory=set)
     ended: bool = False
@@ -104,6 +78,8 @@ class _Registration:
     def end(self) -> None:
         if not self.ended:
             self.ended = True
+            while not self.notices.empty():  # room for the end marker: pending notices die with the tunnel
+                self.notices.get_nowait()
             self.notices.put_nowait(None)
         for connection in list(self.connections):
             connection.writer.close()
@@ -115,15 +91,20 @@ class RelayService(pb_grpc.RelayServicer):
     """Registrations (gRPC ``Tunnel``), spliced streams (``Splice``) and the relay port's CONNECTs."""
 
     def __init__(self, relay_id: str, public_address: Callable[[], str], limits: RelayLimits | None = None, *,
-                 tap: Tap | None = None, clock: Callable[[], float] = time.time):
+                 tap: Tap | None = None, clock: Callable[[], float] = time.time,
+                 admits: Callable[[str], bool] = lambda _: True):
         """``public_address()`` is the "host:port" clients dial for this relay's relay port (known
-        once the listener is bound). ``tap`` sees every forwarded chunk. No I/O here."""
+        once the listener is bound). ``tap`` sees every forwarded chunk. ``admits(peer_id)`` is the
+        peer filter: only identities it admits may register. No I/O here."""
         self.relay_id = relay_id
         self.limits = limits or RelayLimits()
         self._public_address = public_address
         self._tap = tap
         self._clock = clock
         self.tokens = TokenVerifier(relay_id)
+        self._admits = admits
+        self._peers_per_source = SourceCounts(self.limits.max_peers_per_source)
+        self._connections_per_source = SourceCounts(self.limits.max_connections_per_source)
         self.peers: dict[str, _Registration] = {}
         self._pending: dict[bytes, _Connection] = {}
         self.connections = 0
@@ -149,6 +130,10 @@ class RelayService(pb_grpc.RelayServicer):
         except InvalidTokenError as error:
             await context.abort(error.status, str(error))
             return
+        if not self._admits(peer_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this relay's peer filter does not admit you")
+            return
+        source = observed_host(context.peer()) or "?"
         held = self.peers.get(peer_id)
         if held is None and len(self.peers) >= self.limits.max_peers:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -156,7 +141,14 @@ class RelayService(pb_grpc.RelayServicer):
             return
         if held is not None:  # the same peer again (it reconnected): the newest tunnel wins
             held.end()
-        registration = _Registration(peer_id, _ByteBudget(self.limits.max_bytes_per_hour, self._clock),
+            if self.peers.get(peer_id) is held:
+                del self.peers[peer_id]
+                self._peers_per_source.give_back(held.source)
+        if not self._peers_per_source.take(source):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "this relay carries all the peers it allows from your address; try another relay")
+            return
+        registration = _Registration(peer_id, source, ByteBudget(self.limits.max_bytes_per_hour, self._clock),
                                      asyncio.Queue(maxsize=self.limits.max_connections_per_peer + 1))
         self.peers[peer_id] = registration
         watcher = asyncio.ensure_future(context.read())  # the peer sends nothing more: EOF or error = it left
@@ -167,12 +159,16 @@ class RelayService(pb_grpc.RelayServicer):
                 max_bytes_per_hour=max(0, self.limits.max_bytes_per_hour))))
             logger.info("relaying for %s (%d peers relayed here)", peer_id, len(self.peers))
             while (notice := await registration.notices.get()) is not None:
-                await context.write(notice)
+                async with asyncio.timeout(self.limits.notice_timeout_s):  # a peer that stops reading is dropped
+                    await context.write(notice)
+        except TimeoutError:
+            logger.warning("relayed peer %s does not take its notices; dropping it", peer_id)
         finally:
             watcher.cancel()
             registration.end()
             if self.peers.get(peer_id) is registration:
                 del self.peers[peer_id]
+                self._peers_per_source.give_back(source)
             logger.info("stopped relaying for %s", peer_id)
 
     # -- one client connection: CONNECT, then the relayed peer's Splice ----------------------------
@@ -209,13 +205,19 @@ class RelayService(pb_grpc.RelayServicer):
             return await _respond(writer, 503, f"this relay carries all the connections it allows for {peer_id}")
         if registration.budget.exhausted():
             return await _respond(writer, 429, f"{peer_id} used this relay's byte budget for this hour")
+        source = _source_of(writer)
+        if not self._connections_per_source.take(source):
+            return await _respond(writer, 503, "this relay carries all the connections it allows from your address")
         connection_id = os.urandom(CONNECTION_ID_BYTES)
-        connection = _Connection(peer_id, reader, writer)
+        connection = _Connection(peer_id, reader, writer, source)
         self._pending[connection_id] = connection
         registration.connections.add(connection)
         self.connections += 1
         try:
-            registration.notices.put_nowait(pb.RelayNotice(incoming=pb.RelayIncoming(connection_id=connection_id)))
+            try:
+                registration.notices.put_nowait(pb.RelayNotice(incoming=pb.RelayIncoming(connection_id=connection_id)))
+            except asyncio.QueueFull:  # the relayed peer is not taking its notices
+                return await _respond(writer, 503, f"{peer_id} is not taking connections now")
             try:
                 async with asyncio.timeout(self.limits.splice_timeout_s):
                     await connection.attached.wait()
@@ -227,6 +229,7 @@ class RelayService(pb_grpc.RelayServicer):
             self._pending.pop(connection_id, None)
             registration.connections.discard(connection)
             self.connections -= 1
+            self._connections_per_source.give_back(source)
 
     async def Splice(self, request_iterator: AsyncIterator[pb.RelayChunk],
                      context: grpc.aio.ServicerContext) -> None:
@@ -258,9 +261,13 @@ class RelayService(pb_grpc.RelayServicer):
 
     async def _copy(self, connection: _Connection, registration: _Registration,
                     context: grpc.aio.ServicerContext) -> None:
-        """Copies bytes both ways until either side ends or the byte budget is spent."""
+        """Copies bytes both ways until either side ends, the byte budget is spent, or nothing moved
+        either way for ``idle_timeout_s``."""
+        last_moved = time.monotonic()
 
         def charge(direction: str, data: bytes) -> bool:
+            nonlocal last_moved
+            last_moved = time.monotonic()
             self.bytes_forwarded += len(data)
             if self._tap is not None:
                 self._tap(direction, data)
@@ -283,7 +290,13 @@ class RelayService(pb_grpc.RelayServicer):
                 connection.writer.write(chunk.data)
                 await connection.writer.drain()
 
-        await first_to_end(up(), down())
+        async def idle() -> None:  # ends the copy once both directions were silent too long
+            idle_s = self.limits.idle_timeout_s
+            while (left := last_moved + idle_s - time.monotonic()) > 0:
+                await asyncio.sleep(left)
+            logger.info("closing an idle relayed connection to %s", connection.peer_id)
+
+        await first_to_end(up(), down(), idle())
 
     def close(self) -> None:
         """Ends every registration and connection (the gRPC server's stop ends the streams)."""
@@ -303,6 +316,13 @@ async def first_to_end(*coroutines: object) -> None:
     for result in results:
         if isinstance(result, Exception) and not isinstance(result, asyncio.CancelledError):
             logger.debug("a relayed direction ended: %r", result)
+
+
+def _source_of(writer: asyncio.StreamWriter) -> str:
+    """The client's IP (IPv4-mapped IPv6 as IPv4), what per-source caps count."""
+    peername = writer.get_extra_info("peername")
+    host = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
+    return observed_host(f"{'ipv6' if ':' in host else 'ipv4'}:{host}:0") or host
 
 
 def parse_connect(head: bytes) -> str | None:

@@ -23,6 +23,7 @@ from brigade.peer.rebalancer import Rebalancer
 from brigade.peer.throughput import Throughput
 from brigade.protocol.identity import Identity
 from brigade.protocol.records import PeerRecord, model_name_for
+from brigade.protocol.targets import dialable
 from brigade.protocol.tls import TlsIdentity
 from brigade.routing.announce import Announcer
 from brigade.routing.dht import DhtStartError
@@ -151,7 +152,10 @@ class PeerServer:
             return self.config.start_layer, self.config.end_layer
 
         if config.ping_period_s > 0:
-            self._pings = NextHopPings(self.identity.peer_id, lambda: span()[1], read_records,
+            async def ping_records() -> list[PeerRecord]:  # pinged on their word: public addresses only
+                return dialable(await read_records(), allow_private=config.allows_private_targets)
+
+            self._pings = NextHopPings(self.identity.peer_id, lambda: span()[1], ping_records,
                                        period_s=config.ping_period_s)
             self._own(asyncio.create_task(self._pings.run(), name="pings"))
         if self.auto_span and config.rebalance_period_s > 0:

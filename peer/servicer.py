@@ -23,14 +23,13 @@ import torch
 
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
-from brigade.peer.forwarding import Forwarder, ForwardError
+from brigade.peer.forwarding import ForwardChannels, Forwarder, ForwardError
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.peer.unary import STEP_COMPUTE_TIMEOUT_S, UnaryRpcs, refuse
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.attestation import attest, rope_digest, tensor_digest
-from brigade.protocol.channels import dial
 from brigade.protocol.errors import (
     BrigadeError,
     ComputeError,
@@ -67,6 +66,7 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         sessions: SessionManager,
         executor: SpanExecutor,
         info_extra: Callable[[], dict[str, Any]],
+        forward_channels: ForwardChannels | None = None,
     ):
         self.config = config
         self.model_name = model_name
@@ -78,7 +78,10 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         self.limits = TensorLimits(max_bytes=config.max_tensor_bytes)
         self.tokens = TokenVerifier(identity.peer_id)
         self._info_extra = info_extra
-        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        # Next hops are dialed from their own signed records (peer/forwarding.py); none known: no forwarding.
+        self._channels = forward_channels if forward_channels is not None else ForwardChannels(
+            _no_records, allow_private=config.allows_private_targets, allow_insecure=config.insecure,
+            max_message_bytes=config.max_message_bytes)
 
     # -- who is asking ---------------------------------------------------------------------------
     def _identify(self, token: pb.Token | None, purpose: str, binding: bytes) -> str:
@@ -216,27 +219,19 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         if session.forwarder is not None:
             session.forwarder.close()
             session.forwarder = None
+        if len(relink.upstream_peer_id) > 128:  # the open-time check, here too
+            raise InvalidRequestError("upstream_peer_id is too long")
         session.next = NextHop.from_proto(relink.next) if relink.HasField("next") else None
         session.upstream_peer_id = relink.upstream_peer_id
         if session.next is not None:
             session.forwarder = self._forwarder(session.next)
 
     def _forwarder(self, next_hop: NextHop) -> Forwarder:
-        forwarder = Forwarder(next_hop, self.identity, self._channel_to, self.config.forward_timeout_s)
+        forwarder = Forwarder(next_hop, self.identity, self._channels.channel_for, self.config.forward_timeout_s)
         if not self.config.peer_filter.admits(next_hop.peer_id):
             # Not an error of the client's: outputs go back to it (forward_error), and it links around.
             forwarder.broken = f"this peer does not forward to {next_hop.peer_id[:64]!r}: its peer filter refuses it"
         return forwarder
-
-    def _channel_to(self, next_hop: NextHop) -> grpc.aio.Channel:
-        key = (next_hop.address, next_hop.tls_cert)
-        channel = self._channels.get(key)
-        if channel is None:
-            channel = dial(next_hop.address, next_hop.tls_cert, allow_insecure=self.config.insecure,
-                           max_message_bytes=self.config.max_message_bytes,
-                           relay_for=next_hop.peer_id if next_hop.relay_peer_id else "")
-            self._channels[key] = channel
-        return channel
 
     # -- one step --------------------------------------------------------------------------------
     async def _step(self, session: Session, step: pb.Step) -> None:
@@ -315,13 +310,15 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         _post(session, pb.InferenceResponse(result=result))
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
 
 
 class _IdleError(BrigadeError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def _no_records() -> list[Any]:
+    return []
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -31,6 +31,7 @@ from brigade.kernels.span import Span
 from brigade.peer.config import PeerConfig
 from brigade.peer.connectivity import Connectivity
 from brigade.peer.executor import SpanExecutor
+from brigade.peer.forwarding import ForwardChannels
 from brigade.peer.planning import resolve_span
 from brigade.peer.servicer import PeerServicer
 from brigade.peer.sessions import SessionManager
@@ -168,7 +169,12 @@ async def serve(config: PeerConfig, identity: Identity, model_name: str, span: S
                             batch_window_s=config.batch_window_ms / 1000)
     executor.start()
     stack.callback(executor.close)
-    servicer = PeerServicer(config, model_name, identity, sessions, executor, info_extra=info_extra)
+    forward_channels = ForwardChannels(
+        lambda: fetch_records(dht, model_name, peer_filter=config.peer_filter),
+        allow_private=config.allows_private_targets, allow_insecure=config.insecure,
+        max_message_bytes=config.max_message_bytes)
+    servicer = PeerServicer(config, model_name, identity, sessions, executor, info_extra=info_extra,
+                            forward_channels=forward_channels)
     stack.push_async_callback(servicer.close)
     server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
     pb_grpc.add_PeerServicer_to_server(servicer, server)

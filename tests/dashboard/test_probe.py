@@ -49,24 +49,29 @@ def test_probe_answers_refusals_hangs_and_impostors() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         try:
-            answered = await probe_peer(peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{port}"), 2.0)
+            answered = await probe_peer(peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{port}"),
+                                 2.0, allow_private=True)
             assert answered.reachable and answered.rtt_ms is not None and 0 < answered.rtt_ms < 2000
             assert (answered.free_cache_tokens, answered.open_sessions, answered.state) == (77, 1, "online")
 
-            impostor = await probe_peer(peer_record(other, "m", 0, 2, 4, address=f"127.0.0.1:{port}"), 2.0)
+            impostor = await probe_peer(peer_record(other, "m", 0, 2, 4, address=f"127.0.0.1:{port}"),
+                                 2.0, allow_private=True)
             assert not impostor.reachable and "answered as another peer" in impostor.error
 
-            wrong_model = await probe_peer(peer_record(identity, "n", 0, 2, 4, address=f"127.0.0.1:{port}"), 2.0)
+            wrong_model = await probe_peer(peer_record(identity, "n", 0, 2, 4, address=f"127.0.0.1:{port}"),
+                                 2.0, allow_private=True)
             assert not wrong_model.reachable and "serves another model" in wrong_model.error
 
             began = time.monotonic()
-            refused = await probe_peer(peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{closed_port()}"), 2.0)
-            assert not refused.reachable and refused.error.startswith("UNAVAILABLE")
+            refused = await probe_peer(peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{closed_port()}"),
+                                     2.0, allow_private=True)
+            assert not refused.reachable and refused.error == "unreachable (UNAVAILABLE)"
             assert time.monotonic() - began < 1.5
 
             began = time.monotonic()
             hung = await probe_peer(
-                peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{silent.getsockname()[1]}"), 0.5)
+                peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{silent.getsockname()[1]}"), 0.5,
+                allow_private=True)
             assert not hung.reachable and "no answer within 0.5 s" in hung.error
             assert time.monotonic() - began < 2.0
 
@@ -91,7 +96,7 @@ def test_probe_all_bounds_concurrency_and_time() -> None:
     records = [peer_record(Identity.generate(), "m", 0, 2, 4, address=address) for _ in range(40)]
     try:
         began = time.monotonic()
-        results = asyncio.run(probe_all(records, timeout_s=0.3, concurrency=8))
+        results = asyncio.run(probe_all(records, timeout_s=0.3, concurrency=8, allow_private=True))
         elapsed = time.monotonic() - began
     finally:
         silent.close()

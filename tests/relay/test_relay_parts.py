@@ -86,14 +86,22 @@ def test_observed_host_reads_grpc_peer_strings() -> None:
 
 
 def test_probers_dial_only_where_the_request_came_from() -> None:
-    assert probe_target("203.0.113.5:31330", "203.0.113.5") == "203.0.113.5:31330"
-    assert probe_target("192.168.1.20:31330", "203.0.113.5") is None  # a LAN address announced from behind NAT
-    assert probe_target("198.51.100.1:22", "203.0.113.5") is None  # a third party: never dialed
-    assert probe_target("peer.example.org:31330", "203.0.113.5") is None  # names are resolved first (by Probe)
+    # Documentation ranges (203.0.113.0/24, 2001:db8::/32) are not public: a private swarm's rules.
+    private = {"allow_private": True}
+    assert probe_target("203.0.113.5:31330", "203.0.113.5", **private) == "203.0.113.5:31330"
+    assert probe_target("192.168.1.20:31330", "203.0.113.5", **private) is None  # a LAN address behind NAT
+    assert probe_target("198.51.100.1:22", "203.0.113.5", **private) is None  # a third party: never dialed
+    assert probe_target("peer.example.org:31330", "203.0.113.5", **private) is None  # names: resolved by Probe
     # Through a proxy on the prober's own machine the source is hidden: the announced address is dialed.
-    assert probe_target("203.0.113.9:31330", "127.0.0.1") == "203.0.113.9:31330"
-    assert probe_target("[2001:db8::5]:31330", "2001:db8::5") == "[2001:db8::5]:31330"
-    assert probe_target("not an address", "203.0.113.5") is None
+    assert probe_target("203.0.113.9:31330", "127.0.0.1", **private) == "203.0.113.9:31330"
+    assert probe_target("[2001:db8::5]:31330", "2001:db8::5", **private) == "[2001:db8::5]:31330"
+    assert probe_target("not an address", "203.0.113.5", **private) is None
+    # Outside a private swarm: only a public source, never loopback (relayed connections come from there).
+    assert probe_target("8.8.4.4:31330", "8.8.4.4") == "8.8.4.4:31330"
+    assert probe_target("8.8.4.4:31330", "127.0.0.1") is None
+    assert probe_target("127.0.0.1:22", "127.0.0.1") is None
+    assert probe_target("192.168.1.20:31330", "192.168.1.20") is None
+    assert probe_target("[fe80::1]:31330", "fe80::1") is None
 
 
 def test_advice_names_the_port_to_forward_and_the_public_address() -> None:

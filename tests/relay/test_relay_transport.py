@@ -83,7 +83,8 @@ async def start_node(*, secure: bool = True, limits: RelayLimits | None = None) 
     tls = TlsIdentity.generate(identity.peer_id) if secure else None
     server = grpc.aio.server(options=grpc_options(MESSAGE_BYTES))
     pb_grpc.add_PeerServicer_to_server(_Backend(identity.peer_id), server)
-    pb_grpc.add_ReachabilityServicer_to_server(ProbeService(identity.peer_id, allow_insecure=not secure), server)
+    pb_grpc.add_ReachabilityServicer_to_server(
+        ProbeService(identity.peer_id, allow_insecure=not secure, allow_private=True), server)
     port = server.add_secure_port("127.0.0.1:0", tls.server_credentials()) if tls else \
         server.add_insecure_port("127.0.0.1:0")
     node = Node(identity, tls, server, port)
