@@ -24,6 +24,7 @@ RENAMED = {
     "rebalance_period": "rebalance_period_s",
     "rebalance_gain": "rebalance_min_gain",
     "move_drain": "move_drain_s",
+    "step_timeout": "step_timeout_s",
 }
 
 
@@ -90,6 +91,8 @@ def run(
     = PeerConfig.max_session_length,
     max_batch_tokens: Annotated[int, typer.Option(
         help="Positions one batched pass may compute.")] = PeerConfig.max_batch_tokens,
+    step_timeout: Annotated[float, typer.Option(
+        help="Seconds one step or Forward pass may take here.")] = PeerConfig.step_timeout_s,
     prefill_chunk_tokens: Annotated[int, typer.Option(
         help="Prefill chunk size (pipelining, fairness).")] = PeerConfig.prefill_chunk_tokens,
     batch_window_ms: Annotated[float, typer.Option(

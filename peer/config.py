@@ -61,6 +61,10 @@ class PeerConfig:
     prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
     batch_window_ms: float = 10.0  # cap on a ready step's wait for busy sessions' steps (adaptive below it)
     forward_timeout_s: float = 10.0  # deadline for reaching the next hop when forwarding
+    step_timeout_s: float = 600.0  # longest a step or Forward pass may take, queue wait included (a slow prefill)
+    max_queued_work: int = 1024  # compute work items queued at once, all clients together; more are refused
+    max_queued_work_per_client: int = 128  # ... and for one client identity
+    max_unary_per_client: int = 8  # Forward (and, apart, History) calls one client may have in flight here
     # Balance (docs/routing.md)
     span_length: int | None = None  # with auto layers: how many to host; None = as many as fit in memory
     throughput: str = "auto"  # tokens/s per layer to announce: auto (cached or measured) | eval | DECODE[:PREFILL]
@@ -125,6 +129,9 @@ class PeerConfig:
         require(self.client_cache_share > 0,
                 f"client_cache_share (--client-cache-share) must be positive, got {self.client_cache_share}")
         require(self.cache_page_tokens > 0, f"cache_page_tokens must be positive, got {self.cache_page_tokens}")
+        require(self.step_timeout_s > 0, f"step_timeout_s (--step-timeout) must be positive, got {self.step_timeout_s}")
+        require(min(self.max_queued_work, self.max_queued_work_per_client, self.max_unary_per_client) >= 1,
+                "max_queued_work, max_queued_work_per_client and max_unary_per_client must be at least 1")
         require(self.cache_tokens is None or self.cache_tokens > 0,
                 f"cache_tokens (--cache-tokens) must be positive, got {self.cache_tokens}")
 

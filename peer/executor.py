@@ -11,6 +11,11 @@ share passes instead of queueing behind each other. The wait adapts to load: a q
 pass's compute time, never more than ``batch_window_s``. A straggler that misses a pass costs a
 whole extra pass (decode passes are memory-bound: one session costs nearly what sixteen do), so
 waiting a fraction of a pass for it is cheap; a light pass waits next to nothing.
+
+The queue is bounded, overall and per client (``submit`` refuses past either bound, at once), and
+work nobody waits for any more (its call cancelled or past its deadline, its session closed) is
+dropped before each pass instead of computed: a flood of abandoned prefills costs at most the pass
+that was running when each one was abandoned.
 """
 
 from __future__ import annotations
@@ -26,12 +31,19 @@ import torch
 
 from brigade.kernels.batch import Segment
 from brigade.kernels.span import Span
+from brigade.peer.limits import ComputeBusyError
 from brigade.peer.scheduler import WorkItem, plan_batch
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
 WAIT_SHARE_OF_PASS = 0.25  # longest wait for busy sessions' next steps, as a share of the last pass
+MAX_QUEUED_ITEMS = 1024  # work items queued or computing at once, all clients together
+MAX_QUEUED_PER_CLIENT = 128  # ... and for one client (its sessions' steps and its Forward passes)
+
+
+class _Abandoned(Exception):
+    """Handed to a dropped item's ``on_error``: nobody was waiting for it."""
 
 
 class _Exclusive:
@@ -67,6 +79,8 @@ class SpanExecutor:
         *,
         max_batch_tokens: int = 2048,
         batch_window_s: float = 0.010,
+        max_queued: int = MAX_QUEUED_ITEMS,
+        max_queued_per_client: int = MAX_QUEUED_PER_CLIENT,
     ):
         self.span = span
         self.dtype = dtype
@@ -82,6 +96,12 @@ class SpanExecutor:
         self.passes = 0  # counters for tests and the throughput benchmark
         self.batched_items = 0
         self.compute_seconds = 0.0
+        self.dropped_items = 0  # abandoned work dropped before it was computed (or before its next chunk)
+        self.max_queued = max_queued
+        self.max_queued_per_client = max_queued_per_client
+        self._queued = 0  # items submitted and not yet finished, failed or dropped
+        self._queued_by_client: dict[str, int] = {}
+        self._count_lock = threading.Lock()  # submit (event loop) and _retire (compute thread)
         self._thread = threading.Thread(target=self._run, name="span-compute", daemon=True)
         self._started = False
 
@@ -91,16 +111,62 @@ class SpanExecutor:
             self._thread.start()
 
     def submit(self, item: WorkItem) -> None:
-        """Queues ``item``; its callbacks run on the compute thread."""
+        """Queues ``item``; its callbacks run on the compute thread.
+
+        Raises ``ComputeBusyError`` (RESOURCE_EXHAUSTED: the client routes around this peer) when the
+        queue is full overall or for the item's client.
+        """
+        with self._count_lock:
+            mine = self._queued_by_client.get(item.client, 0)
+            if self._queued >= self.max_queued:
+                raise ComputeBusyError(f"this peer's compute queue is full ({self._queued} items); "
+                                       "retry later or use another peer")
+            if mine >= self.max_queued_per_client:
+                raise ComputeBusyError(f"client {item.client[:64] or '(anonymous)'} already has {mine} items in "
+                                       "this peer's compute queue, its limit; wait for them or use other peers")
+            self._queued += 1
+            self._queued_by_client[item.client] = mine + 1
         self.start()
         self._inbox.put(item)
+
+    @property
+    def queued(self) -> int:
+        """Work items queued or computing now."""
+        return self._queued
+
+    def _retire(self, item: WorkItem) -> None:
+        """Counts ``item`` out of the queue (finished, failed or dropped)."""
+        with self._count_lock:
+            self._queued -= 1
+            left = self._queued_by_client.get(item.client, 1) - 1
+            if left > 0:
+                self._queued_by_client[item.client] = left
+            else:
+                self._queued_by_client.pop(item.client, None)
+
+    def _drop_abandoned(self) -> None:
+        """Forgets ready work nobody waits for; each dropped item's waiter (if any is left) is told."""
+        kept = []
+        for item in self._ready:
+            if not item.abandoned:
+                kept.append(item)
+                continue
+            self.dropped_items += 1
+            self._retire(item)
+            if item.on_error is not None:
+                try:
+                    item.on_error(item, _Abandoned("the work was abandoned before it was computed"))
+                except Exception:
+                    logger.exception("reporting a dropped step failed")
+        self._ready = kept
 
     async def run_exclusive(self, work: Callable[[], None]) -> None:
         """Runs ``work`` on the compute thread once every step queued before it has finished: how a
         moving peer swaps its span without a step ever seeing half of it."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self.submit(_Exclusive(work, loop, done))  # type: ignore[arg-type]
+        self.start()
+        self._inbox.put(_Exclusive(work, loop, done))  # not counted: the peer's own work, one at a time
         await done
 
     def to_device(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -115,14 +181,19 @@ class SpanExecutor:
                 return
             if not self._drain_inbox():
                 return
+            self._drop_abandoned()
             if self._ready:
                 if self._exclusive is None:
                     self._wait_for_company()
+                    self._drop_abandoned()
                 plan = plan_batch(self._ready, self.max_batch_tokens)
                 try:
                     self._run_plan(plan)
                 except Exception:  # a bug in one pass must not kill the thread
                     logger.exception("a compute pass failed")
+                for item in self._ready:
+                    if item.remaining <= 0:
+                        self._retire(item)
                 self._ready = [item for item in self._ready if item.remaining > 0]
             elif self._exclusive is not None:  # everything queued before it is done
                 exclusive, self._exclusive = self._exclusive, None

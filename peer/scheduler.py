@@ -34,6 +34,8 @@ class WorkItem:
     # Called on the compute thread for each computed chunk: (item, output [B, n, H] on CPU, offset, n, compute_ms).
     on_chunk: Callable[[WorkItem, torch.Tensor, int, int, float], None] | None = None
     on_error: Callable[[WorkItem, BaseException], None] | None = None
+    client: str = ""  # who asked for it (a session's owner, a Forward's requester): the queue's per-client bound
+    cancelled: bool = False  # set on the event loop when nobody waits for it any more (deadline, call cancelled)
     enqueued_at: float = field(default_factory=time.perf_counter)
     done: int = 0  # positions computed so far
     started_at: float | None = None  # when its first chunk began
@@ -45,6 +47,12 @@ class WorkItem:
     @property
     def remaining(self) -> int:
         return self.length - self.done
+
+    @property
+    def abandoned(self) -> bool:
+        """Nobody will read its results: its call ended, or its session was closed (pages released).
+        Computing it would only burn the compute thread (and grow a cache nobody pays for)."""
+        return self.cancelled or (self.session is not None and bool(getattr(self.session, "closed", False)))
 
     @property
     def decode_sized(self) -> bool:

@@ -7,6 +7,11 @@ A session's steps may arrive on the client's own stream or, with forwarding, pus
 previous hop on a stream of its own; either way its results go out on the client's stream, through
 the session's outbox, in order. Each output chunk is signed (an attestation over the input and
 output hashes), so what a peer returns is evidence of what it computed.
+
+Nothing a client does can hold a session's pages past the idle timeout: every write to it has that
+deadline (a client that stops reading is idle), an idle session is closed (its pages freed, its
+queued work dropped) before its stream is told, and a step past the step deadline ends the stream
+with DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
 from brigade.peer.forwarding import ForwardChannels, Forwarder, ForwardError
+from brigade.peer.limits import StepDeadlineError
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
-from brigade.peer.unary import STEP_COMPUTE_TIMEOUT_S, UnaryRpcs, refuse
+from brigade.peer.unary import UnaryRpcs, refuse
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol import brigade_pb2_grpc as pb_grpc
 from brigade.protocol.attestation import attest, rope_digest, tensor_digest
@@ -129,16 +135,18 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         try:
             if session.next is not None:
                 session.forwarder = self._forwarder(session.next)
-            await context.write(pb.InferenceResponse(
-                opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)))
+            write_s = self.config.session_idle_timeout_s
+            await _write(context, pb.InferenceResponse(
+                opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)), write_s)
             reader = asyncio.create_task(self._read_client(session, context), name=f"read-{session.session_id}")
+            reader.add_done_callback(lambda task: _reader_ended(session, task))
             while True:
                 item = await session.outbox.get()
                 if item is _EOF:
                     return
                 if isinstance(item, BrigadeError):
                     raise item
-                await context.write(item)
+                await _write(context, item, write_s)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -154,7 +162,8 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 done, _ = await asyncio.wait({read}, timeout=max(0.05, session.last_used + idle_s - time.monotonic()))
                 if not done:
                     if time.monotonic() - session.last_used >= idle_s:  # pushed steps count as activity
-                        _post(session, _IdleError(f"session idle for over {idle_s:.0f} s; its cache was freed"))
+                        self.sessions.close(session.session_id, expected=session)  # now, whatever the writer does
+                        _post(session, _IdleError(f"session idle for over {idle_s:g} s; its cache was freed"))
                         return
                     continue
                 request, read = read.result(), None
@@ -188,15 +197,19 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 read.add_done_callback(_retrieve)
 
     async def _serve_push(self, attach: pb.Attach, context: grpc.aio.ServicerContext) -> None:
-        session = self.sessions.sessions.get(attach.session_id)
-        if session is None:
-            raise UnknownSessionError(f"unknown session {attach.session_id!r}: the client has not opened it here")
+        # Who pushes, and whether it may, before any session is looked up: ids cannot be probed.
         pusher = self.tokens.verify(attach.token if attach.HasField("token") else None, "attach",
                                     attach.session_id.encode())
-        if not session.upstream_peer_id or pusher != session.upstream_peer_id:
-            raise PermissionDeniedError(f"{pusher} is not the previous hop the client named for this session")
         if not self.config.peer_filter.admits(pusher):
             raise PermissionDeniedError(f"{pusher} is not admitted by this peer's allowlist/blocklist of peers")
+        if pusher in self.config.blocked_clients or (
+                self.config.allowed_clients is not None and pusher not in self.config.allowed_clients):
+            raise PermissionDeniedError(f"{pusher} is not allowed to use this peer")
+        session = self.sessions.sessions.get(attach.session_id)
+        if session is None or not session.upstream_peer_id or pusher != session.upstream_peer_id:
+            # The same answer for a session that is not here and one whose previous hop is another peer.
+            raise UnknownSessionError(f"unknown session {attach.session_id[:64]!r}: no session here names "
+                                      "you as its previous hop")
         while True:
             try:
                 async with asyncio.timeout(self.config.session_idle_timeout_s):
@@ -249,7 +262,6 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         capacity = self.sessions.prepare_step(session, start, hidden.shape[1], hidden.dtype)
         if session.outputs is not None:
             session.outputs.truncate(start)
-        whole_input_digest = step.hidden.digest
         chunks: asyncio.Queue[_Chunk] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -260,13 +272,29 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         def on_error(item: WorkItem, error: BaseException) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, _Chunk(None, 0, 0, 0.0, 0.0, error))
 
-        self.executor.submit(WorkItem(
+        item = WorkItem(
             hidden=hidden, pad_lengths=session.pad_lengths, layers=session.layers, session=session,
             start_position=start, capacity=capacity, chunk_tokens=self.config.prefill_chunk_tokens,
-            rope_lengths=rope_lengths, on_chunk=on_chunk, on_error=on_error,
-        ))
+            rope_lengths=rope_lengths, on_chunk=on_chunk, on_error=on_error, client=session.owner,
+        )
+        self.executor.submit(item)
+        try:
+            await self._gather_chunks(session, step, chunks, rope_lengths)
+        except TimeoutError as error:
+            raise StepDeadlineError(
+                f"the step did not finish within this peer's step deadline ({self.config.step_timeout_s:g} s); "
+                "use another peer or shorter steps") from error
+        finally:
+            item.cancelled = True  # whatever is left of it (a deadline, the stream gone) is dropped, not computed
+        session.last_used = time.monotonic()
+
+    async def _gather_chunks(self, session: Session, step: Step, chunks: asyncio.Queue[_Chunk],
+                             rope_lengths: torch.Tensor | None) -> None:
+        """Sends each computed chunk on as it comes, within the step deadline."""
+        hidden = step.hidden.tensor
+        whole_input_digest = step.hidden.digest
         done = 0
-        async with asyncio.timeout(STEP_COMPUTE_TIMEOUT_S):
+        async with asyncio.timeout(self.config.step_timeout_s):
             while done < hidden.shape[1]:
                 chunk = await chunks.get()
                 if chunk.error is not None:  # this peer's failure, not the request's: the client routes around it
@@ -277,7 +305,6 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                     encode(hidden[:, chunk.offset : chunk.offset + chunk.positions]))
                 await self._send_chunk(session, step, hidden.dtype, chunk, input_digest, rope_lengths)
                 done += chunk.positions
-        session.last_used = time.monotonic()
 
     async def _send_chunk(self, session: Session, step: Step, wire: torch.dtype, chunk: _Chunk,
                           input_digest: bytes, rope_lengths: torch.Tensor | None) -> None:
@@ -327,9 +354,31 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 def _post(session: Session, item: object) -> None:
-    """Queues a result (or an error, or EOF) for the session's client stream."""
+    """Queues a result (or an error, or EOF) for the session's client stream; a full outbox means the
+    client stopped reading: the session is closed there and then (its pages freed)."""
     try:
         session.outbox.put_nowait(item)
     except asyncio.QueueFull:
-        logger.warning("session %s: its client stopped reading results; closing it", session.session_id)
+        if not session.closed:
+            logger.warning("session %s: its client stopped reading results; closing it", session.session_id)
+        if session.release is not None:
+            session.release()
         session.closed = True
+
+
+async def _write(context: grpc.aio.ServicerContext, message: pb.InferenceResponse, timeout_s: float) -> None:
+    """Writes within ``timeout_s``: a client that takes nothing for that long is idle, and the call ends."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await context.write(message)
+    except TimeoutError as error:
+        raise _IdleError(f"the client took no answer for {timeout_s:g} s; the session was closed") from error
+
+
+def _reader_ended(session: Session, task: asyncio.Task[None]) -> None:
+    """A reader that died of something unexpected still ends its stream (the writer waits on the outbox)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    logger.error("session %s: its stream reader failed", session.session_id, exc_info=error)
+    _post(session, ComputeError(f"this peer failed to serve the session ({type(error).__name__}); use another peer"))

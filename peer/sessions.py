@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,9 @@ class Session:
     outbox: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
     forwarder: Any = None  # peer.forwarding.Forwarder while a next hop is linked
     step_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, whichever stream
+    # Closes it and frees its pages (set by the manager): for paths that find the client gone or not
+    # reading (a full outbox) and must not leave its pages held until the call itself ends.
+    release: Callable[[], None] | None = None
 
     @property
     def length(self) -> int:
@@ -144,6 +148,7 @@ class SessionManager:
             outputs=outputs,
             max_bytes=self._session_byte_cap(request),
         )
+        session.release = lambda: self.close(session.session_id, expected=session)
         self.sessions[session.session_id] = session
         return session
 
@@ -270,15 +275,18 @@ class SessionManager:
         self.kv.free(allocation)
         self._freed.set()
 
-    def close(self, session_id: str) -> None:
-        """Ends a session and frees all it holds: cache and kept outputs.
+    def close(self, session_id: str, expected: Session | None = None) -> None:
+        """Ends a session and frees all it holds: cache and kept outputs. Idempotent.
 
         The buffers are freed when the last reference goes: a step still computing (its client gave
-        up mid-step) finishes on them harmlessly instead of failing on emptied lists.
+        up mid-step) finishes on them harmlessly instead of failing on emptied lists; its queued
+        work is dropped by the compute thread (the session is marked closed). ``expected``: close
+        only that session object (a later session may have reused the id).
         """
-        session = self.sessions.pop(session_id, None)
-        if session is None:
+        session = self.sessions.get(session_id)
+        if session is None or (expected is not None and session is not expected):
             return
+        del self.sessions[session_id]
         session.closed = True
         self._free(session.allocation)
         if session.forwarder is not None:

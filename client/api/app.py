@@ -60,13 +60,11 @@ def create_app(service: ApiService) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        job = await asyncio.to_thread(service.completion_job, body)  # tokenizing may take a while: off the loop
-        return await _respond(service, body, job, request, chat=False)
+        return await _respond(service, body, lambda: service.completion_job(body), request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        job = await asyncio.to_thread(service.chat_job, body)
-        return await _respond(service, body, job, request, chat=True)
+        return await _respond(service, body, lambda: service.chat_job(body), request, chat=True)
 
     return app
 
@@ -76,10 +74,14 @@ def _model_card(service: ApiService) -> dict[str, Any]:
             "max_model_len": service.context_length}
 
 
-async def _respond(service: ApiService, body: SamplingFields, job: Job, request: Request, chat: bool) -> Response:
+async def _respond(service: ApiService, body: SamplingFields, build_job: Callable[[], Job], request: Request,
+                   chat: bool) -> Response:
+    """Admits the request, then builds its job: a busy server refuses before it spends a thread
+    tokenizing the prompt (or rendering the chat), which a flood of large prompts would make it pay."""
     lease = await service.admission.admit()
     handed_over = False
     try:
+        job = await asyncio.to_thread(build_job)  # tokenizing may take a while: off the loop
         reply = _Reply(service.model_id, chat, job.n * len(job.prompts))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
