@@ -3,6 +3,10 @@
 Each hop's stream has a reader task that queues every answer as it arrives, so the session can
 wait on several hops at once (with forwarding, every hop of a run answers the same step) and a
 late answer of an abandoned attempt is simply skipped by its step id.
+
+That queue is bounded, in answers and in bytes (``answer_queue_limits``): an honest peer answers
+only what it was asked (a step's chunks, a relink), which the session takes as they come; a peer
+that streams more than the bound holds is sending answers nobody asked for, and is a failed hop.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from brigade.protocol.tokens import make_token
 from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
+
+MAX_QUEUED_ANSWERS = 1024  # answers of one hop waiting to be taken: far more than any step's chunks
+
+
+def answer_queue_limits(config: Any) -> tuple[int, int]:
+    """(answers, bytes) one hop's queue may hold: two full messages' worth of bytes, the most a step
+    and a late answer of an abandoned attempt take before the session reads them."""
+    return MAX_QUEUED_ANSWERS, 2 * int(config.max_message_bytes)
 
 
 
@@ -138,8 +150,14 @@ class HopStream:
     leaving: bool = False
     reported_length: int = 0  # the session length the peer reported with its last step result
     attestations: list[pb.Attestation] = field(default_factory=list)  # newest last, bounded
-    _answers: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _answers: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)  # bounded by _read_answers
     _reader: asyncio.Task[None] | None = None
+    queued_bytes: int = 0  # bytes of the answers in _answers
+    ended: bool = False  # the reader saw the stream end (or ended it)
+
+    @property
+    def _limits(self) -> tuple[int, int]:
+        return answer_queue_limits(self.swarm.config)
 
     @property
     def peer_id(self) -> str:
@@ -197,18 +215,36 @@ class HopStream:
                           tls_cert=self.hop.peer.tls_cert, relay_peer_id=self.hop.peer.relay_peer_id)
 
     async def _read_answers(self) -> None:
+        max_answers, max_bytes = self._limits
         try:
             while True:
                 response = await self.call.read()
                 if response is grpc.aio.EOF:
                     code, details = await self.call.code(), await self.call.details()
-                    self._answers.put_nowait(_Ended(from_status(code, details or "the peer closed the stream")))
+                    self._end(_Ended(from_status(code, details or "the peer closed the stream")))
                     return
+                size = response.ByteSize()
+                if self._answers.qsize() >= max_answers or self.queued_bytes + size > max_bytes:
+                    self.call.cancel()  # stop taking them: what is queued is dropped with the hop
+                    self._end(_Ended(HopFailure(self.hop, (
+                        f"sent answers nobody asked for: over {self._answers.qsize()} answers "
+                        f"({self.queued_bytes + size} bytes) unread, more than any step needs"))), drop=True)
+                    return
+                self.queued_bytes += size
                 self._answers.put_nowait(response)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a broken connection, the call cancelled
-            self._answers.put_nowait(_Ended(error))
+            self._end(_Ended(error))
+
+    def _end(self, ended: _Ended, drop: bool = False) -> None:
+        """Queues the stream's end (after what is queued, or instead of it when ``drop``)."""
+        self.ended = True
+        if drop:
+            while not self._answers.empty():
+                self._answers.get_nowait()
+            self.queued_bytes = 0
+        self._answers.put_nowait(ended)
 
     async def send(self, request: pb.InferenceRequest) -> None:
         try:
@@ -226,6 +262,8 @@ class HopStream:
                 got = await self._answers.get()
         except TimeoutError as error:
             raise HopFailure(self.hop, f"no answer within {timeout_s:.2f} s") from error
+        if not isinstance(got, _Ended):
+            self.queued_bytes = max(0, self.queued_bytes - got.ByteSize())
         if isinstance(got, _Ended):
             self._answers.put_nowait(got)  # every later wait fails the same way
             failure = classify(self.hop, got.error, timeout_s)
