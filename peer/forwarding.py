@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 RECORDS_MAX_AGE_S = 5.0  # a read of the swarm's records serves next-hop look-ups this long
-RECORDS_RETRY_S = 1.0  # an unknown next hop triggers a fresh read when the last is older than this
+RECORDS_RETRY_S = 1.0  # an unknown (or moved) next hop triggers a fresh read when the last is older than this
 MAX_FORWARD_CHANNELS = 64  # next-hop channels kept open (least recently used closed first)
 
 
@@ -64,20 +64,26 @@ class ForwardChannels:
         self._read_at = float("-inf")
         self._reading = asyncio.Lock()
 
-    async def record_of(self, peer_id: str) -> PeerRecord | None:
-        """``peer_id``'s newest signed record, read at most every ``RECORDS_RETRY_S`` when unknown."""
+    async def record_of(self, peer_id: str, hint: str = "") -> PeerRecord | None:
+        """``peer_id``'s newest signed record, read again (at most every ``RECORDS_RETRY_S``) when it
+        is unknown or its address is not the client's ``hint``: a restarted peer's new address is
+        picked up at once. The hint only triggers a read; it is never dialed."""
         age = time.monotonic() - self._read_at
-        if age > RECORDS_MAX_AGE_S or (peer_id not in self._records and age > RECORDS_RETRY_S):
+        known = self._records.get(peer_id)
+        stale = known is None or bool(hint and known.address != hint)
+        if age > RECORDS_MAX_AGE_S or (stale and age > RECORDS_RETRY_S):
             async with self._reading:
                 if time.monotonic() - self._read_at > RECORDS_RETRY_S:
                     self._records = newest_per_peer(await self._read_records())
                     self._read_at = time.monotonic()
         return self._records.get(peer_id)
 
-    async def channel_for(self, peer_id: str) -> grpc.aio.Channel:
-        """The channel to ``peer_id`` as its record describes it; ForwardError (coarse) when it cannot be had."""
+    async def channel_for(self, peer_id: str, hint: str = "") -> grpc.aio.Channel:
+        """The channel to ``peer_id`` as its record describes it; ForwardError (coarse) when it cannot be had.
+
+        ``hint`` is the address the client named (see ``record_of``)."""
         try:
-            record = await self.record_of(peer_id)
+            record = await self.record_of(peer_id, hint)
         except Exception as error:  # a DHT hiccup is this peer's problem, not the client's request
             logger.warning("reading records for next hop %s failed: %r", peer_id[:64], error)
             raise ForwardError("the next hop's record could not be read") from error
@@ -122,11 +128,12 @@ class Forwarder:
         self,
         next_hop: NextHop,
         identity: Identity,
-        channel_for: Callable[[str], Awaitable[grpc.aio.Channel]],
+        channel_for: Callable[[str, str], Awaitable[grpc.aio.Channel]],
         timeout_s: float,
     ):
-        """``channel_for(peer_id)`` is ``ForwardChannels.channel_for``: only the next hop's id and
-        session id are taken from ``next_hop``; where to dial comes from that peer's record."""
+        """``channel_for(peer_id, hint)`` is ``ForwardChannels.channel_for``: only the next hop's id and
+        session id are taken from ``next_hop`` (its address at most prompts a fresh read of the
+        records); where to dial comes from that peer's record."""
         self.next_hop = next_hop
         self._identity = identity
         self._channel_for = channel_for
@@ -152,7 +159,7 @@ class Forwarder:
             raise ForwardError(self.broken) from error
 
     async def _open(self) -> None:
-        channel = await self._channel_for(self.next_hop.peer_id)
+        channel = await self._channel_for(self.next_hop.peer_id, self.next_hop.address)
         call = pb_grpc.PeerStub(channel).Inference()
         token = make_token(self._identity, self.next_hop.peer_id, "attach", self.next_hop.session_id.encode())
         await call.write(pb.InferenceRequest(attach=pb.Attach(session_id=self.next_hop.session_id, token=token)))
