@@ -373,6 +373,10 @@ async def _write(context: grpc.aio.ServicerContext, message: pb.InferenceRespons
             await context.write(message)
     except TimeoutError as error:
         raise _IdleError(f"the client took no answer for {timeout_s:g} s; the session was closed") from error
+    except Exception as error:  # gRPC's failed write (ExecuteBatchError) to a call the client already left
+        if context.cancelled() or context.done():
+            raise _IdleError("the client left; the session was closed") from error
+        raise
 
 
 def _reader_ended(session: Session, task: asyncio.Task[None]) -> None:
