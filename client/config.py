@@ -25,6 +25,9 @@ class ClientConfig:
     route_wait_s: float = 30.0  # how long to wait for every layer to have a live peer
     records_max_age_s: float = 2.0  # reuse a DHT read this recent instead of asking again
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap, both directions
+    # bytes of activations in one message to or from a peer (peers refuse tensors over 48 MiB by default):
+    # longer steps, replays, re-runs and History reads go in pieces (client/chunks.py)
+    max_step_bytes: int = 32 * 1024 * 1024
     wire_dtype: str = "float32"  # dtype of activations on the wire (float32 keeps results exact)
     dht_startup_timeout_s: float = 30.0  # bound on starting the client's DHT node
     identity_path: str | None = None  # Ed25519 key file of this client (created on first run); None = a fresh key
@@ -34,6 +37,9 @@ class ClientConfig:
     verify_rate: float = 0.05  # share of finished windows re-checked on another peer serving the same layers
     verify_window: int = 16  # decode steps per hop that make one window
     verify_schedule: str = "stratified"  # "stratified": one check in each block of 1/verify_rate windows; "random"
+    # share of windows checked at random on top of the stratified schedule (a peer that saw its block's check
+    # does not know the rest of the block is safe)
+    verify_extra_rate: float = 0.02
     verify_tolerance_scale: float = 1.0  # multiplies every precision's tolerance (client/verify/compare.py)
     verify_max_pending: int = 4  # due windows waiting for the session's check task; more are skipped (counted)
     verify_timeout_s: float = 120.0  # bound on one hop's check (read-backs, re-runs, comparisons)

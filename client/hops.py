@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import torch
 
+from brigade.client.chunks import even_pieces
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.channels import handshake_failure
@@ -45,11 +46,12 @@ def answer_queue_limits(config: Any) -> tuple[int, int]:
 class HopFailure(Exception):
     """A hop did not answer correctly; its peer should be avoided (or left, when it is draining)."""
 
-    def __init__(self, hop: Hop, reason: str, leaving: bool = False):
+    def __init__(self, hop: Hop, reason: str, leaving: bool = False, lied: bool = False):
         super().__init__(f"peer {hop.peer.peer_id} ({hop.peer.address}, layers {hop.start}:{hop.end}): {reason}")
         self.hop = hop
         self.reason = reason
         self.leaving = leaving  # the peer is draining: avoid it, but it did nothing wrong
+        self.lied = lied  # it signed for something other than what it answered: distrust it, not just ban it
 
 
 def classify(hop: Hop, error: BaseException, timeout: float | None = None) -> BaseException:
@@ -113,6 +115,10 @@ class PositionLog:
             raise ValueError(f"log holds {self.length} positions, not {end}")
         tensor = torch.cat([chunk for _, chunk in self._chunks], dim=1)
         return tensor[:, :end]
+
+    def starts(self) -> list[int]:
+        """Where each logged piece begins: the boundaries of the steps (or chunks) that were sent."""
+        return [start for start, _ in self._chunks]
 
     def pieces(self) -> list[torch.Tensor]:
         """The logged tensors in order, without copying them (they are never written in place):
@@ -282,15 +288,20 @@ class HopStream:
                 break  # step results of an abandoned attempt may come first: they are skipped
         self.forwards = next_hop is not None
 
-    async def history(self, end: int, timeout_s: float) -> torch.Tensor:
-        """This hop's kept outputs for positions ``[0, end)`` (what its successor needs to be rebuilt)."""
-        request = pb.HistoryRequest(
-            session_id=self.session_id, start=0, end=end,
-            token=make_token(self.swarm.identity, self.peer_id, "history", self.session_id.encode()),
-        )
+    async def history(self, end: int, timeout_s: float, most: int) -> torch.Tensor:
+        """This hop's kept outputs for positions ``[0, end)`` (what its successor needs to be rebuilt),
+        read ``most`` positions at a time so that no answer is over the message cap."""
+        pieces = []
         try:
-            response = await self.swarm.stub(self.hop.peer).History(request, timeout=timeout_s)
-            return history_answer(response, batch=self.batch_size, width=self.swarm.hidden_size, positions=end)
+            for start, stop in even_pieces(0, end, most):
+                request = pb.HistoryRequest(
+                    session_id=self.session_id, start=start, end=stop,
+                    token=make_token(self.swarm.identity, self.peer_id, "history", self.session_id.encode()),
+                )
+                response = await self.swarm.stub(self.hop.peer).History(request, timeout=timeout_s)
+                pieces.append(history_answer(response, batch=self.batch_size, width=self.swarm.hidden_size,
+                                             positions=stop - start))
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         except BaseException as error:
             failure = classify(self.hop, error, timeout_s)
             if failure is error:

@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from brigade.client.arrival import check_on_arrival
 from brigade.client.budget import Budget
+from brigade.client.chunks import replay_pieces
 from brigade.client.hops import HopFailure, HopStream, new_session_id
+from brigade.client.verify.outcomes import VerificationReport
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import rope_digest
 from brigade.protocol.errors import MissingLayersError
@@ -64,8 +67,8 @@ class FailoverEvent:
 class RouteRepair:
     """Replacing, unlinking and rebuilding a session's hops (mixed into ``InferenceSession``).
 
-    It reads the session's state below and uses three of its methods: ``rope_lengths_for``,
-    ``_result`` (the next answer of an attempt) and ``_answer`` (that answer, checked).
+    It reads the session's state below and uses four of its methods: ``rope_lengths_for``,
+    ``message_positions``, ``_result`` (the next answer of an attempt) and ``_answer`` (that answer, checked).
     """
 
     hops: list[HopStream]
@@ -91,6 +94,13 @@ class RouteRepair:
 
     def _note_failure(self, failure: HopFailure, detected_after_s: float) -> FailoverEvent:
         peer_id = failure.hop.peer.peer_id
+        if failure.lied:  # signed evidence of a lie: no session of this model uses it again
+            self.standing.distrust(VerificationReport(
+                kind="misattested", accused=[peer_id], layers=(failure.hop.start, failure.hop.end),
+                window=(self.position, self.position), session_id="", detail=failure.reason))
+            logger.warning("%s; distrusted, rerouting layers %d:%d", failure, failure.hop.start, failure.hop.end)
+            return FailoverEvent("distrust", peer_id, (failure.hop.start, failure.hop.end), failure.reason,
+                                 detected_after_s)
         if failure.leaving:
             self.standing.mark_leaving(peer_id)
             kind = "migration"
@@ -130,7 +140,7 @@ class RouteRepair:
             return stream.inputs.read(end)
         if index == 0:
             raise RuntimeError("the first hop's inputs are always kept by the client")
-        return await self.hops[index - 1].history(end, self.config.step_timeout_s)
+        return await self.hops[index - 1].history(end, self.config.step_timeout_s, self.message_positions())
 
     async def _replace(self, index: int, start: int, budget: Budget, event: FailoverEvent,
                        first: int | None = None) -> None:
@@ -274,19 +284,28 @@ class RouteRepair:
         return streams
 
     async def _replay_through(self, stream: HopStream, replay: torch.Tensor) -> torch.Tensor:
-        """Rebuilds one new hop's cache from ``replay`` (positions [0, n)) and returns its outputs."""
+        """Rebuilds one new hop's cache from ``replay`` (positions [0, n)) and returns its outputs.
+
+        One step in messages under the cap, cut where the original steps began (``client/chunks.py``),
+        so that a replay of any length is accepted and a prefill's cache is rebuilt as it was computed.
+        """
         self._step_id += 1
         step_id = self._step_id
         length = replay.shape[1]
-        stream.inputs.append(0, replay)
-        await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
-            encode(replay, self._wire_dtype), 0, step_id, length, self.rope_lengths_for(0, length))))
+        pieces_to_send = replay_pieces(self.hops[0].inputs.starts() if self.hops else [0], length,
+                                       self.message_positions())
+        for start, end in pieces_to_send:
+            stream.inputs.append(start, replay[:, start:end])
+            await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
+                encode(replay[:, start:end], self._wire_dtype), start, step_id, length,
+                self.rope_lengths_for(start, end))))
         pieces, covered = [], 0
         while covered < length:
             result = self._answer(stream, await self._result(stream, step_id, self.config.step_timeout_s), covered,
                                   length - covered)
             if result.hidden is None:
                 raise HopFailure(stream.hop, "a replay answered without its outputs")
+            check_on_arrival(stream, result)
             if self.swarm.rope_by_length and result.attestation.rope_sha256 != rope_digest(
                     self.rope_lengths[result.start_position : result.start_position + result.positions]):
                 raise HopFailure(stream.hop, "replayed with other rope lengths than it was sent")

@@ -11,10 +11,11 @@ chunk 2.
 Failover is one loop (``step``): an attempt runs the step over the route; when a hop fails
 (connection lost, deadline passed, error status, a wrong answer) its peer is banned with backoff,
 a new chain of peers is found for exactly its layers, rebuilt by replaying its inputs (kept by
-this client, or by the previous peer with ``keep_outputs``) as one prefill, linked back in, and
-the step is attempted again from the start: every hop rolls back to the step's first position by
-itself, so no hop ever holds half a step. A peer that says it is leaving is moved away from the
-same way, without a ban. The caller sees the same tokens as if nothing had happened.
+this client, or by the previous peer with ``keep_outputs``) as one prefill (in messages under the
+cap, cut where the original steps were: ``client/chunks.py``), linked back in, and the step is
+attempted again from the start: every hop rolls back to the step's first position by itself, so
+no hop ever holds half a step. A peer that says it is leaving is moved away from the same way,
+without a ban. The caller sees the same tokens as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
 
+from brigade.client.arrival import check_on_arrival
 from brigade.client.budget import Budget, RecoveryExhaustedError
+from brigade.client.chunks import even_pieces, positions_per_message
 from brigade.client.hops import HopFailure, HopStream
 from brigade.client.recovery import FailoverEvent, ForwardBroken, RouteRepair
 from brigade.client.remote import RemoteSwarm
@@ -71,6 +74,11 @@ class InferenceSession(RouteRepair):
     def rope_lengths_for(self, start: int, end: int) -> list[int]:
         """The call lengths of positions [start, end) as sent with a step ([] when the rope ignores them)."""
         return self.rope_lengths[start:end] if self.swarm.rope_by_length else []
+
+    def message_positions(self) -> int:
+        """Positions of this session's activations that fit one message (``client/chunks.py``)."""
+        cap = min(self.config.max_step_bytes, self.config.max_message_bytes)
+        return positions_per_message(self.batch_size, self.swarm.hidden_size, self._wire_dtype.itemsize, cap)
 
     @property
     def route(self) -> list[Hop]:
@@ -167,12 +175,16 @@ class InferenceSession(RouteRepair):
         sent_at: list[float] = []
 
         async def feed() -> None:
-            async for position, chunk in source:
-                streams[0].inputs.append(position, chunk)
-                sent_at.append(time.monotonic())
-                await streams[0].send(pb.InferenceRequest(session_id=streams[0].session_id, step=pb.Step(
-                    hidden=encode(chunk, self._wire_dtype), start_position=position, step_id=step_id,
-                    step_positions=length, rope_lengths=self.rope_lengths_for(position, position + chunk.shape[1]))))
+            most = self.message_positions()  # a longer chunk goes in pieces under the message cap
+            async for chunk_start, whole in source:
+                for offset, stop in even_pieces(0, whole.shape[1], most):
+                    position, chunk = chunk_start + offset, whole[:, offset:stop]
+                    streams[0].inputs.append(position, chunk)
+                    sent_at.append(time.monotonic())
+                    await streams[0].send(pb.InferenceRequest(session_id=streams[0].session_id, step=pb.Step(
+                        hidden=encode(chunk, self._wire_dtype), start_position=position, step_id=step_id,
+                        step_positions=length,
+                        rope_lengths=self.rope_lengths_for(position, position + chunk.shape[1]))))
 
         sender = asyncio.create_task(feed(), name="feed-run")
         try:
@@ -186,6 +198,7 @@ class InferenceSession(RouteRepair):
                                           start + covered, length - covered)
                     arrived = time.monotonic()
                     position = result.start_position
+                    check_on_arrival(stream, result)
                     self._check_rope(first + offset, result, pushed=offset > 0)
                     stream.keep_attestation(result.attestation)
                     stream.reported_length = result.length

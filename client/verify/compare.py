@@ -11,7 +11,7 @@ position (row) of a window the checker compares the two outputs ``y`` and ``z`` 
     score = |z - y| / (tol * (min(|y - x|, |z - x|) + |x|))        (L2 norms over the hidden size)
 
 and the window disagrees when any row scores above 1. ``tol`` is the sum of the two peers'
-tolerances (their errors against exact arithmetic add up). The denominator is what an honest peer's
+tolerances (their errors against exact arithmetic add up; ``pair_tolerance``). The denominator is what an honest peer's
 error scales with: the input's norm (rounding the residual stream to the peer's dtype) plus what the
 span added to it (rounding and quantization inside the layers). Using the smaller of the two
 peers' contributions keeps a cheater from widening its own tolerance by inflating its output.
@@ -20,7 +20,7 @@ Calibration (``benchmarks/verification.py --calibrate``): every precision comput
 against a float32 prefill of the embedded trained model, over 400 real tokens and spans of 1 and 3
 layers. Largest observed error ratio |z - y| / (min delta + |x|): float32 1e-6, float16 0.0013,
 int8 0.0067, bfloat16 0.008, nf4 0.089. The tolerances below are 3 to 4 times those (float32 allows
-for TF32 matmuls on GPUs, ~5e-4), so an honest pair scores at most about a quarter of the way to 1.
+for TF32 matmuls on GPUs, ~5e-4), nf4 1.7 times its own, so an honest pair scores at most about 0.6.
 """
 
 from __future__ import annotations
@@ -34,22 +34,52 @@ import torch
 from brigade.protocol.records import PeerRecord, newest_per_peer
 
 # Tolerance of one peer by precision: a compute dtype plus, for quantized peers, the quantization's own.
-PRECISION_TOLERANCE: dict[str, float] = {
+# These are this client's numbers, never a peer's: a record only names its precision, and only the
+# names below are accepted. nf4 is 1.7x its calibrated worst case (not 3 to 4x as the others): at 0.3 a
+# peer announcing nf4 could leave out a layer that changes the residual by a quarter (measured on the
+# embedded model: skipping layer 3, 4 or 5 scores 0.08 to 0.29 per position against float32) and pass
+# every check. Against another nf4 peer the pair is checked much tighter (``pair_tolerance``).
+DTYPE_TOLERANCE: dict[str, float] = {
     "float32": 5e-3,
     "float16": 1e-2,
     "bfloat16": 3e-2,
-    "int8": 3e-2,
-    "nf4": 0.3,
 }
-UNKNOWN_TOLERANCE = max(PRECISION_TOLERANCE.values())  # a precision this version does not know: the loosest
+QUANTIZATION_TOLERANCE: dict[str, float] = {
+    "none": 0.0,
+    "int8": 3e-2,
+    "nf4": 0.15,
+}
+PRECISION_TOLERANCE: dict[str, float] = {**DTYPE_TOLERANCE, **{k: v for k, v in QUANTIZATION_TOLERANCE.items() if v}}
+# A precision this version does not know gets the strictest tolerance, never the loosest: a name a
+# peer makes up must not buy it room to cheat. (An honest peer of a newer precision is then checked
+# as if it computed in float32; such a swarm needs a client that knows the precision.)
+STRICTEST_TOLERANCE = min(DTYPE_TOLERANCE.values())
+
+
+def known_precision(record: PeerRecord) -> bool:
+    """Whether this client has its own tolerance for the record's dtype and quantization."""
+    return record.dtype in DTYPE_TOLERANCE and record.quantization in QUANTIZATION_TOLERANCE
 
 
 def tolerance_of(record: PeerRecord, scale: float = 1.0) -> float:
     """How far this peer's results may honestly stray, as a share of (input + what the span adds)."""
-    tolerance = PRECISION_TOLERANCE.get(record.dtype, UNKNOWN_TOLERANCE)
-    if record.quantization != "none":
-        tolerance += PRECISION_TOLERANCE.get(record.quantization, UNKNOWN_TOLERANCE)
-    return tolerance * scale
+    if not known_precision(record):
+        return STRICTEST_TOLERANCE * scale
+    return (DTYPE_TOLERANCE[record.dtype] + QUANTIZATION_TOLERANCE[record.quantization]) * scale
+
+
+# Two peers of the same quantization hold the same weights (quantizing one checkpoint is deterministic):
+# only their kernels' rounding differs, so the pair gets this share of one quantization's tolerance, not
+# two whole ones. A peer announcing nf4 is then checked tightly whenever another nf4 peer serves its layers.
+SHARED_QUANTIZATION_SHARE = 0.25
+
+
+def pair_tolerance(a: PeerRecord, b: PeerRecord, scale: float = 1.0) -> float:
+    """How far two peers' results may honestly be apart (their errors against exact arithmetic add up)."""
+    if known_precision(a) and known_precision(b) and a.quantization == b.quantization != "none":
+        shared = SHARED_QUANTIZATION_SHARE * QUANTIZATION_TOLERANCE[a.quantization]
+        return (DTYPE_TOLERANCE[a.dtype] + DTYPE_TOLERANCE[b.dtype] + shared) * scale
+    return tolerance_of(a, scale) + tolerance_of(b, scale)
 
 
 def precision_of(record: PeerRecord) -> str:
@@ -81,12 +111,18 @@ class WindowSchedule:
     cheats on every window is checked 3 times in 60 at 5%. ``random``: each window on its own with
     probability ``rate`` (memoryless: having seen one check tells a peer nothing of the next, but a
     run of 60 windows goes unchecked 4.6% of the time at 5%).
+
+    On top of the stratified pick, every window is also checked with probability ``extra_rate``:
+    without it, a peer that saw its block's read-back (it learns of a check when its outputs are
+    read) knows the rest of the block is safe and may cheat there for free.
     """
 
-    def __init__(self, rate: float, kind: str = "stratified", rng: random.Random | None = None):
+    def __init__(self, rate: float, kind: str = "stratified", rng: random.Random | None = None,
+                 extra_rate: float = 0.0):
         if kind not in ("stratified", "random"):
             raise ValueError(f"verify_schedule must be 'stratified' or 'random', not {kind!r}")
         self.rate = rate
+        self.extra_rate = extra_rate if rate > 0 else 0.0
         self.kind = kind
         self.block = max(1, round(1 / rate)) if rate > 0 else 0
         self._rng = rng or random.SystemRandom()  # unpredictable to peers
@@ -105,7 +141,8 @@ class WindowSchedule:
         if block_index != self._block_index:
             self._block_index = block_index
             self._pick = self._rng.randrange(self.block)
-        return offset == self._pick
+        extra = self._rng.random() < self.extra_rate  # drawn for every window, so a draw says nothing of the pick
+        return offset == self._pick or extra
 
 
 def host_of(address: str) -> str:
@@ -145,7 +182,8 @@ def choose_checker(
 
     In order of preference: furthest from every peer in ``against`` (another network, then another
     host), not on the session's route (``busy``: the check should not slow it), the tightest
-    tolerance (a check is only as sensitive as the looser peer allows); at random among equals.
+    tolerance (a check is only as sensitive as the looser peer allows: ``tolerance`` may be the pair's
+    with the suspect, ``pair_tolerance``); at random among equals.
     """
     newest = newest_per_peer(records)
     avoid = {record.peer_id for record in against} | set(exclude)

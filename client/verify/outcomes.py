@@ -46,7 +46,9 @@ class VerificationReport:
     """Evidence that a peer returned wrong results: what it signed, and what others signed instead."""
 
     kind: str  # "outvoted": two peers agree against it; "contradiction": what it hands back is not what it
-    # signed; "inconsistent": two neighbours signed different bytes for one handover (one of them lies)
+    # signed; "refused": it refused or stalled the read-back of its outputs (a check it dodged is a failed
+    # one); "misattested": an attestation it signed names another session, layers, position or output
+    # than the answer it came with (seen on arrival, by the session)
     accused: list[str]
     layers: tuple[int, int]
     window: tuple[int, int]

@@ -1,7 +1,8 @@
 """A check's re-run: the checked hop's inputs as one ordinary session on another peer serving its layers.
 
 To the re-running peer it is an ordinary session: same client identity, batch, padding and length,
-one prefill, with the call lengths of the window as it finished. What it answers must be the
+one prefill (in messages under the cap, as any long step), with the call lengths of the window as it
+finished. What it answers must be the
 positions asked, signed for what it returned; else it is a bad witness and another peer is asked.
 """
 
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from brigade.client.chunks import even_pieces
 from brigade.client.hops import HopFailure, HopStream
-from brigade.client.verify.compare import choose_checker, tolerance_of
+from brigade.client.verify.compare import choose_checker, pair_tolerance
 from brigade.client.verify.evidence import Link
 from brigade.client.verify.outcomes import Skip, VerificationStats
 from brigade.client.verify.windows import Window
@@ -70,8 +72,8 @@ class Rerunner:
         tried: set[str] = set()
         for _ in range(CHECKER_TRIES):
             exclude = self.standing.excluded() | tried
-            checker = choose_checker(records, layers, against, exclude, busy, lambda r: tolerance_of(r, scale),
-                                     self._rng)
+            checker = choose_checker(records, layers, against, exclude, busy,  # tightest with the suspect
+                                     lambda r: pair_tolerance(against[0], r, scale), self._rng)
             if checker is None:
                 break
             tried.add(checker.peer_id)
@@ -92,9 +94,10 @@ class Rerunner:
         )
         try:
             length = inputs.shape[1]
-            hidden = await asyncio.to_thread(encode, inputs, self._wire)
-            await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
-                hidden, 0, 1, length, self.window.rope_lengths[:length])))
+            for start, end in even_pieces(0, length, session.message_positions()):  # under the message cap
+                hidden = await asyncio.to_thread(encode, inputs[:, start:end], self._wire)
+                await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
+                    hidden, start, 1, length, self.window.rope_lengths[start:end])))
             pieces: list[torch.Tensor] = []
             links: list[Link] = []
             public_key = bytes.fromhex(record.public_key)

@@ -5,10 +5,11 @@ the protocol would notice. So a session checks a random share of its work (``ver
 windows by default; a window is ``verify_window`` steps): for a chosen window ``[a, b)`` and each hop
 of the route, it reads back the hop's inputs for ``[0, b)`` (the client's own log, or the previous
 peer's kept outputs) and the hop's outputs for the window (``History``), binds both to the peers'
-signed attestations (``client/verify/evidence.py``), re-runs the inputs as one ordinary prefill on another
-peer serving the same layers, and compares the window's outputs with a tolerance for the two
-peers' precisions (``client/verify/compare.py``). On a mismatch a third peer decides: the peer that
-disagrees with the other two is distrusted (``PeerStanding.distrust``: every session of the model
+signed attestations (``client/verify/evidence.py``; each was checked on arrival, ``client/arrival.py``),
+re-runs the inputs as one ordinary prefill (in messages under the cap) on another peer serving the
+same layers, and compares the window's outputs with a tolerance for the two peers' precisions
+(``client/verify/compare.py``). On a mismatch a third peer decides: the peer that disagrees
+with the other two is distrusted (``PeerStanding.distrust``: every session of the model
 rebuilds its route without it at its next step) and reported, with the attestations that show what
 it signed. A peer whose kept outputs contradict its own signatures is dropped the same way.
 
@@ -19,9 +20,10 @@ back), when what it signed can no longer change.
 The checks never hold up the session: one background task per session (started on the session's
 loop at the first due window, cancelled at close) works through due windows one at a time, from a
 bounded queue (a due window that does not fit is skipped and counted), each hop's check bounded in
-time, with hashing and comparisons on a worker thread. Any failure (a peer gone, a History
-refused, no other peer serving the layers) skips that check and counts it; nothing a check does
-can fail a step. Checks still running when the session closes are cancelled: the peers drop a
+time, with hashing and comparisons on a worker thread. A History refused or stalled by a hop still
+on the route fails the check (kind ``refused``: else refusing would dodge every check); any other
+failure (a peer gone, no other peer serving the layers) skips that check and counts it; nothing a
+check does can fail a step. Checks still running when the session closes are cancelled: the peers drop a
 closed session's kept outputs anyway.
 """
 
@@ -66,6 +68,8 @@ class SessionView(Protocol):
 
     def rope_lengths_for(self, start: int, end: int) -> list[int]: ...
 
+    def message_positions(self) -> int: ...
+
 
 class ResultVerifier:
     """Checks a share of one session's windows; attach with ``ResultVerifier.attach(session)``."""
@@ -77,7 +81,9 @@ class ResultVerifier:
         self.stats = VerificationStats()
         self.results: deque[CheckResult] = deque(maxlen=MAX_RESULTS_KEPT)
         self._rng = rng or random.SystemRandom()  # peers must not be able to predict the checked windows
-        self._schedule = WindowSchedule(self.config.verify_rate, self.config.verify_schedule, self._rng)
+        self._schedule = WindowSchedule(self.config.verify_rate, self.config.verify_schedule, self._rng,
+                                        self.config.verify_extra_rate if self.config.verify_schedule == "stratified"
+                                        else 0.0)
         self._chains: dict[str, AttestationChain] = {}  # per hop session id
         # per hop session id: the previous hop's session id when it was first seen, and whether that
         # previous hop was replaced since (its inputs before the failover then came from a peer whose

@@ -7,14 +7,16 @@ import random
 import pytest
 import torch
 
+from brigade.client.config import ClientConfig
 from brigade.client.verify.compare import (
     PRECISION_TOLERANCE,
-    UNKNOWN_TOLERANCE,
+    STRICTEST_TOLERANCE,
     WindowSchedule,
     choose_checker,
     disagreement,
     host_of,
     network_of,
+    pair_tolerance,
     tolerance_of,
     valid_rows,
 )
@@ -95,7 +97,7 @@ def test_tolerance_by_precision() -> None:
     assert tolerance_of(record("a", dtype="bfloat16"), scale=2) == 2 * PRECISION_TOLERANCE["bfloat16"]
     nf4 = record("a", quantization="nf4")
     assert tolerance_of(nf4) == PRECISION_TOLERANCE["float32"] + PRECISION_TOLERANCE["nf4"]
-    assert tolerance_of(record("a", dtype="float8")) == UNKNOWN_TOLERANCE
+    assert tolerance_of(record("a", dtype="float8")) == STRICTEST_TOLERANCE  # a made-up name buys nothing
 
 
 # -- whom to ask -------------------------------------------------------------------------------------
@@ -139,3 +141,23 @@ def test_checker_prefers_idle_then_precise_peers_and_draws_among_equals() -> Non
     assert choose([suspect, on_route, nf4, bf16], suspect, busy={"on-route"}) == "bf16"
     twins = [record("twin1"), record("twin2")]
     assert {choose([suspect, *twins], suspect, seed=seed) for seed in range(20)} == {"twin1", "twin2"}
+
+
+def test_stratified_checks_add_unpredictable_ones_after_the_blocks_pick() -> None:
+    """A peer that saw its block's read-back must not know the rest of the block is safe."""
+    schedule = WindowSchedule(0.05, "stratified", random.Random(7), extra_rate=0.02)
+    after_pick = 0
+    for block in range(300):
+        due = [offset for offset in range(20) if schedule.due(block * 20 + offset)]
+        assert due, "the stratified pick is still there in every block"
+        after_pick += len(due) - 1
+    assert 60 <= after_pick <= 180  # about 2% of 6,000 windows, on top of one per block
+    assert ClientConfig().verify_extra_rate > 0
+
+
+def test_a_made_up_precision_buys_no_tolerance_and_two_nf4_peers_are_checked_tightly() -> None:
+    float32, nf4 = record("a"), record("b", quantization="nf4")
+    assert tolerance_of(record("c", quantization="nf3")) == STRICTEST_TOLERANCE
+    assert tolerance_of(record("c", dtype="float64", quantization="nf4")) == STRICTEST_TOLERANCE
+    assert tolerance_of(nf4) < 0.2  # it bought 0.3 (and an unknown token 0.3 more) before
+    assert pair_tolerance(nf4, record("d", quantization="nf4")) < pair_tolerance(nf4, float32) / 2

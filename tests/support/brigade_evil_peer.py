@@ -13,6 +13,12 @@ honestly but forwards rope lengths (``Step.rope_lengths``) off by ``K``, so that
 wrongly. ``refuse:invalid`` / ``refuse:range`` answers every step with INVALID_ARGUMENT / OUT_OF_RANGE
 (a request's own fault, which it is not); ``crash:`` fails every pass as an out-of-memory would;
 ``short-history:K`` returns K positions fewer than asked from ``History``.
+``shift-attestation:K`` computes honestly but signs every result at its position plus ``K`` (a chain
+that covers nothing the client asks about: what dodged every check before attestations were
+checked on arrival). ``refuse-history:`` computes honestly but refuses every ``History`` read
+(a check it dodged counted as skipped). ``frame-upstream:`` computes honestly but signs a wrong
+hash of the input it received: a free identity that says its honest upstream neighbour pushed it
+other bytes than that neighbour signed for.
 ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
@@ -124,6 +130,45 @@ def _truncate_history(missing: int) -> None:
     OutputHistory.read = short_read  # type: ignore[method-assign]
 
 
+def _shift_attestations(shift: int) -> None:
+    """Signs every result at a position off by ``shift`` (validly: the signature is its own)."""
+    import brigade.peer.servicer as servicer
+
+    honest_attest = servicer.attest
+
+    def shifted_attest(identity, session_id, step_id, start_position, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return honest_attest(identity, session_id, step_id, start_position + shift, *args, **kwargs)
+
+    servicer.attest = shifted_attest  # type: ignore[assignment]
+
+
+def _refuse_history() -> None:
+    """Refuses every History read with an error status, as a peer that does not want to be checked."""
+    import grpc
+
+    from brigade.peer.unary import UnaryRpcs
+
+    async def refusing_history(self: UnaryRpcs, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "busy (it is not)")
+
+    UnaryRpcs.History = refusing_history  # type: ignore[method-assign]
+
+
+def _frame_upstream() -> None:
+    """Signs a hash of other bytes than it received, as if its upstream had pushed something else."""
+    import hashlib
+
+    import brigade.peer.servicer as servicer
+
+    honest_attest = servicer.attest
+
+    def framing_attest(identity, session_id, step_id, start_position, layers, input_sha256, *args, **kwargs):  # type: ignore[no-untyped-def]
+        forged = hashlib.sha256(b"not what I got" + input_sha256).digest()
+        return honest_attest(identity, session_id, step_id, start_position, layers, forged, *args, **kwargs)
+
+    servicer.attest = framing_attest  # type: ignore[assignment]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
         raise SystemExit("usage: brigade_evil_peer.py --cheat KIND:VALUE <brigade arguments> (see the docstring)")
@@ -142,9 +187,15 @@ def main(argv: list[str]) -> None:
         _fail_to_compute()
     elif kind == "short-history":
         _truncate_history(int(value))
+    elif kind == "shift-attestation":
+        _shift_attestations(int(value))
+    elif kind == "refuse-history":
+        _refuse_history()
+    elif kind == "frame-upstream":
+        _frame_upstream()
     else:
         raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S, rope:K, refuse:invalid|range, "
-                         "crash: or short-history:K")
+                         "crash:, short-history:K, shift-attestation:K, refuse-history: or frame-upstream:")
     app(args=argv[2:], prog_name="brigade")
 
 
