@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from brigade.client.verify.verifier import SessionView
 
 logger = logging.getLogger(__name__)
+HISTORY_MIN_BYTES_PER_S = 256 * 1024  # the slowest uplink a read-back is given time for (about 2 Mbit/s)
 
 
 
@@ -65,13 +66,14 @@ class HopCheck:
         self.result = CheckResult(hop.peer.peer_id, precision_of(hop.peer), (hop.start, hop.end),
                                   (window.start, window.end))
         self._handover: int | None = None  # a position whose handover the two neighbours signed differently
+        self._deadline: asyncio.Timeout | None = None  # the whole check's; a big read-back extends it
 
     async def run(self) -> CheckResult:
         """Never raises (but for cancellation): every failure is a counted skip."""
         began = time.monotonic()
         result = self.result
         try:
-            async with asyncio.timeout(self.config.verify_timeout_s):
+            async with asyncio.timeout(self.config.verify_timeout_s) as self._deadline:
                 if not await self._anyone_else():
                     raise Skip("no_checker", "no other peer serves the layers")
                 inputs, outputs = await self._read_back()
@@ -130,19 +132,23 @@ class HopCheck:
         """A hop's kept outputs for ``[start, end)``, read in pieces under the message cap.
 
         A peer that refuses or stalls the read-back of a hop still on the session's route fails the
-        check: were it skipped, refusing would be a free way out of every check. Only a hop the
-        session has left since (replaced, or gone draining) is excused: its session may be gone.
+        check: were it skipped, refusing would be a free way out of every check. It gets one retry
+        first (a transient fault), a stall is judged against a time that grows with the bytes asked
+        for (a slow uplink is not a stall), and a peer that stopped answering at all (its ``Info``
+        fails too) has crashed or left rather than refused: the step loop replaces it, nobody is
+        accused. Only a hop the session has left since (replaced, or draining) is excused outright.
         """
         swarm = self.view.swarm
         pieces: list[torch.Tensor] = []
-        position, most = start, self.view.message_positions()
+        position, most, retried = start, self.view.message_positions(), False
         while position < end:
             stop = min(end, position + most)
             request = pb.HistoryRequest(
                 session_id=stream.session_id, start=position, end=stop,
                 token=make_token(swarm.identity, stream.peer_id, "history", stream.session_id.encode()))
+            timeout_s = self._history_timeout_s(stop - position)
             try:
-                response = await swarm.stub(stream.hop.peer).History(request, timeout=self._history_timeout_s())
+                response = await swarm.stub(stream.hop.peer).History(request, timeout=timeout_s)
                 piece = await asyncio.to_thread(history_answer, response, batch=self.view.batch_size,
                                                 width=swarm.hidden_size, positions=stop - position)
             except grpc.aio.AioRpcError as error:  # refused, stalled, or the peer left
@@ -151,17 +157,41 @@ class HopCheck:
                     continue
                 if not self._still_used(stream):
                     raise Skip("unavailable", f"History of {stream.peer_id} failed: {error.code().name}") from error
+                if not retried:
+                    retried = True
+                    await asyncio.sleep(0.2)
+                    continue
+                if not await self._answers_info(stream):
+                    raise Skip("unavailable", f"{stream.peer_id} answers nothing now (crashed or gone)") from error
                 self._accuse("refused", [stream.peer_id], stream.session_id, [], {},
                              f"it refused or stalled the read-back of its outputs ({error.code().name})")
             except BrigadeError as error:  # undecodable, or not the positions asked for
                 self._contradiction(stream, [], f"its History answer is not what was asked: {error}")
             pieces.append(piece)
-            position = stop
+            position, retried = stop, False
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
-    def _history_timeout_s(self) -> float:
-        """A read-back gets a share of the check's time: a stall must fail the check, not time it out."""
-        return max(1.0, min(self.config.step_timeout_s, self.config.verify_timeout_s / 4))
+    def _history_timeout_s(self, positions: int) -> float:
+        """Time for one read-back piece: a share of the check, or longer for many bytes.
+
+        The share bounds a stall; the byte allowance (``HISTORY_MIN_BYTES_PER_S``) keeps an honest
+        peer on a slow uplink from counting as stalling. The check's own deadline grows to match.
+        """
+        nbytes = positions * self.view.batch_size * self.view.swarm.hidden_size * self._wire.itemsize
+        share = max(1.0, min(self.config.step_timeout_s, self.config.verify_timeout_s / 4))
+        timeout_s = max(share, nbytes / HISTORY_MIN_BYTES_PER_S)
+        if self._deadline is not None and (when := self._deadline.when()) is not None:
+            loop_now = asyncio.get_running_loop().time()
+            self._deadline.reschedule(max(when, loop_now + timeout_s + 1.0))
+        return timeout_s
+
+    async def _answers_info(self, stream: HopStream) -> bool:
+        """Whether the peer behind ``stream`` still answers at all (a refusal, not a crash)."""
+        try:
+            await self.view.swarm.stub(stream.hop.peer).Info(pb.InfoRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     def _still_used(self, stream: HopStream) -> bool:
         """Whether ``stream`` is still a hop of the session and its peer has not said it is leaving."""
