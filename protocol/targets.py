@@ -4,8 +4,9 @@ Addresses reach a peer or the dashboard from other people: signed records (anyon
 probe requests, the relay a record names. A member that dials whatever it is told is a port
 scanner of the network it sits in (a volunteer's home LAN, a cloud's metadata service). So a
 dial made on someone else's word goes only to public (globally routable) addresses, unless the
-swarm is configured **private**: a LAN or test swarm whose members themselves live on private,
-loopback or link-local addresses.
+swarm is configured **private**: a LAN or test swarm whose members themselves live on private or
+loopback addresses. Link-local addresses (a cloud's metadata service at 169.254.169.254) are never
+dialed on another's word, private swarm or not.
 
 A swarm is private when its operator says so (``--private-swarm``), or, by default, when the
 process joins it only through private or loopback addresses (every ``--initial-peers`` multiaddr,
@@ -21,12 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 
 from brigade.protocol.records import PeerRecord, parse_address
 
 RESOLVE_TIMEOUT_S = 2.0  # a DNS lookup for a dial target
+
+logger = logging.getLogger(__name__)
+_hinted = False  # the operator is told about --private-swarm once per process, in its own log
+
+
+def _refuse_private(address: str) -> ForbiddenTargetError:
+    """The coarse error for a caller, and (once) a hint in the local log for the operator."""
+    global _hinted
+    if not _hinted:
+        _hinted = True
+        logger.warning("refused to dial %s: not a public address. If this swarm runs on a LAN or in a private "
+                       "network, start every member with --private-swarm", address)
+    return ForbiddenTargetError("not a public address (this swarm is not configured private)")
 
 
 class ForbiddenTargetError(ConnectionError):
@@ -38,6 +53,14 @@ def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
+
+
+def is_link_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """169.254.0.0/16 and fe80::/10: never a swarm member's address, but where clouds keep their
+    metadata service (169.254.169.254), so refused even in a private swarm."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_link_local
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -61,12 +84,14 @@ async def dial_target(address: str, *, allow_private: bool, timeout_s: float = R
     if parsed is None:
         raise ForbiddenTargetError("not a host:port address")
     host, port = parsed
+    literal = _ip(host)
+    if literal is not None and is_link_local(literal):
+        raise ForbiddenTargetError("a link-local address (never dialed on another's word)")
     if allow_private:
         return address
-    literal = _ip(host)
     if literal is not None:
         if not is_public(literal):
-            raise ForbiddenTargetError("not a public address (this swarm is not configured private)")
+            raise _refuse_private(address)
         return address
     try:
         async with asyncio.timeout(timeout_s):
@@ -75,7 +100,7 @@ async def dial_target(address: str, *, allow_private: bool, timeout_s: float = R
         raise ForbiddenTargetError("the host name does not resolve") from error
     resolved = [ip for info in infos if (ip := _ip(str(info[4][0]))) is not None]
     if not resolved or not all(is_public(ip) for ip in resolved):
-        raise ForbiddenTargetError("not a public address (this swarm is not configured private)")
+        raise _refuse_private(address)
     return _join(str(resolved[0]), port)
 
 
@@ -85,6 +110,8 @@ def literal_allowed(address: str, *, allow_private: bool) -> bool:
     if parsed is None:
         return False
     ip = _ip(parsed[0])
+    if ip is not None and is_link_local(ip):
+        return False
     return allow_private or ip is None or is_public(ip)
 
 

@@ -41,6 +41,14 @@ def test_public_targets_and_private_swarms_dial_as_given() -> None:
     assert literal_allowed("8.8.8.8:443", allow_private=False) and literal_allowed("[::1]:1", allow_private=True)
 
 
+@pytest.mark.parametrize("address", ["169.254.169.254:80", "[fe80::1]:22", "[::ffff:169.254.169.254]:80"])
+def test_link_local_targets_are_refused_even_in_a_private_swarm(address: str) -> None:
+    """A record naming the cloud metadata service must not make a peer of a private VPC swarm dial it."""
+    with pytest.raises(ForbiddenTargetError, match="link-local"):
+        asyncio.run(dial_target(address, allow_private=True))
+    assert not literal_allowed(address, allow_private=True)
+
+
 def test_the_channel_cache_keys_by_the_whole_dial_and_evicts_the_oldest() -> None:
     async def scenario() -> None:
         cache = ChannelCache(2, evict_grace_s=0.0)
