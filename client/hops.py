@@ -4,9 +4,13 @@ Each hop's stream has a reader task that queues every answer as it arrives, so t
 wait on several hops at once (with forwarding, every hop of a run answers the same step) and a
 late answer of an abandoned attempt is simply skipped by its step id.
 
-That queue is bounded, in answers and in bytes (``answer_queue_limits``): an honest peer answers
-only what it was asked (a step's chunks, a relink), which the session takes as they come; a peer
-that streams more than the bound holds is sending answers nobody asked for, and is a failed hop.
+That queue is bounded, in answers and in bytes (``answer_queue_limits``), by what nobody asked for:
+the session tells the stream how many positions it asked for (``ask``) and each result taken pays
+some back, so the answers of positions still asked for are always allowed. They can pile up honestly:
+a run's hops are read in turn, and while the session reads the first hop's receipts of a long
+prefill the last hop's full output chunks wait in its queue. On top of them a slack of a few
+messages (relinks, a late answer of an abandoned attempt); a peer past that is sending answers
+nobody asked for, and is a failed hop.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from typing import Any
 import grpc
 import torch
 
-from brigade.client.chunks import even_pieces
+from brigade.client.chunks import MESSAGE_OVERHEAD_BYTES, even_pieces
 from brigade.client.remote import RemoteSwarm
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.channels import handshake_failure
 from brigade.protocol.errors import BrigadeError, from_status
 from brigade.protocol.errors import PeerLeavingError as _PeerLeaving
 from brigade.protocol.messages import history_answer
+from brigade.protocol.tensors import WIRE_DTYPES
 from brigade.protocol.tokens import make_token
 from brigade.routing.route import Hop
 
@@ -36,11 +41,13 @@ logger = logging.getLogger(__name__)
 MAX_QUEUED_ANSWERS = 1024  # answers of one hop waiting to be taken: far more than any step's chunks
 
 
-def answer_queue_limits(config: Any) -> tuple[int, int]:
-    """(answers, bytes) one hop's queue may hold: two full messages' worth of bytes, the most a step
-    and a late answer of an abandoned attempt take before the session reads them."""
-    return MAX_QUEUED_ANSWERS, 2 * int(config.max_message_bytes)
-
+def answer_queue_limits(config: Any, asked_positions: int = 0, position_bytes: int = 0) -> tuple[int, int]:
+    """(answers, bytes) one hop's queue may hold: every answer of the ``asked_positions`` still asked
+    for (at most one answer and ``position_bytes`` plus a message's framing per position), and on top
+    two full messages' worth of bytes, what a relink and a late answer of an abandoned attempt take."""
+    asked = max(0, asked_positions)
+    return (MAX_QUEUED_ANSWERS + asked,
+            2 * int(config.max_message_bytes) + asked * (position_bytes + MESSAGE_OVERHEAD_BYTES))
 
 
 class HopFailure(Exception):
@@ -159,11 +166,23 @@ class HopStream:
     _answers: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)  # bounded by _read_answers
     _reader: asyncio.Task[None] | None = None
     queued_bytes: int = 0  # bytes of the answers in _answers
+    max_length: int = 0  # the session's most positions (bounds what may be asked for at once)
+    asked_positions: int = 0  # positions asked for (``ask``) whose results were not taken yet
     ended: bool = False  # the reader saw the stream end (or ended it)
 
     @property
     def _limits(self) -> tuple[int, int]:
-        return answer_queue_limits(self.swarm.config)
+        config = self.swarm.config
+        position_bytes = self.batch_size * int(self.swarm.hidden_size) * WIRE_DTYPES[config.wire_dtype].itemsize
+        return answer_queue_limits(config, self.asked_positions, position_bytes)
+
+    def ask(self, positions: int) -> None:
+        """Positions whose results this hop will answer (call before sending what asks for them).
+
+        Positions of an abandoned attempt that are never answered stay counted; the total is held
+        to the session's length, so the bound stays that of one full session's answers.
+        """
+        self.asked_positions = min(max(self.max_length, positions), self.asked_positions + positions)
 
     @property
     def peer_id(self) -> str:
@@ -209,7 +228,7 @@ class HopStream:
                 raise
             raise failure from error
         stream = cls(hop=hop, session_id=session_id, call=call, swarm=swarm, batch_size=batch_size,
-                     forwards=next_hop is not None,
+                     max_length=max_length, forwards=next_hop is not None,
                      receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id)
         stream.inputs.complete = not upstream_peer_id  # pushed inputs are the previous peer's, not logged here
         stream._reader = asyncio.create_task(stream._read_answers(), name=f"hop-{session_id}")
@@ -221,7 +240,6 @@ class HopStream:
                           tls_cert=self.hop.peer.tls_cert, relay_peer_id=self.hop.peer.relay_peer_id)
 
     async def _read_answers(self) -> None:
-        max_answers, max_bytes = self._limits
         try:
             while True:
                 response = await self.call.read()
@@ -230,6 +248,7 @@ class HopStream:
                     self._end(_Ended(from_status(code, details or "the peer closed the stream")))
                     return
                 size = response.ByteSize()
+                max_answers, max_bytes = self._limits  # grows with what the session asked for since
                 if self._answers.qsize() >= max_answers or self.queued_bytes + size > max_bytes:
                     self.call.cancel()  # stop taking them: what is queued is dropped with the hop
                     self._end(_Ended(HopFailure(self.hop, (
@@ -270,6 +289,8 @@ class HopStream:
             raise HopFailure(self.hop, f"no answer within {timeout_s:.2f} s") from error
         if not isinstance(got, _Ended):
             self.queued_bytes = max(0, self.queued_bytes - got.ByteSize())
+            if got.WhichOneof("kind") == "result":  # what it answered is no longer asked for
+                self.asked_positions = max(0, self.asked_positions - max(1, got.result.positions))
         if isinstance(got, _Ended):
             self._answers.put_nowait(got)  # every later wait fails the same way
             failure = classify(self.hop, got.error, timeout_s)

@@ -296,6 +296,7 @@ class RouteRepair:
                                        self.message_positions())
         for start, end in pieces_to_send:
             stream.inputs.append(start, replay[:, start:end])
+            stream.ask(end - start)
             await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
                 encode(replay[:, start:end], self._wire_dtype), start, step_id, length,
                 self.rope_lengths_for(start, end))))

@@ -180,6 +180,8 @@ class InferenceSession(RouteRepair):
                 for offset, stop in even_pieces(0, whole.shape[1], most):
                     position, chunk = chunk_start + offset, whole[:, offset:stop]
                     streams[0].inputs.append(position, chunk)
+                    for stream in streams:  # every hop of the run answers these positions
+                        stream.ask(chunk.shape[1])
                     sent_at.append(time.monotonic())
                     await streams[0].send(pb.InferenceRequest(session_id=streams[0].session_id, step=pb.Step(
                         hidden=encode(chunk, self._wire_dtype), start_position=position, step_id=step_id,
