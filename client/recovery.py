@@ -27,6 +27,7 @@ from brigade.client.arrival import check_on_arrival
 from brigade.client.budget import Budget
 from brigade.client.chunks import replay_pieces
 from brigade.client.hops import HopFailure, HopStream, new_session_id
+from brigade.client.verify.evidence import AttestationChain, first_mismatch
 from brigade.client.verify.outcomes import VerificationReport
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import rope_digest
@@ -47,6 +48,14 @@ class ForwardBroken(Exception):
     def __init__(self, index: int, reason: str):
         super().__init__(reason)
         self.index = index
+
+
+class UnverifiedHistory(Exception):
+    """The previous hop's kept attestations do not cover the History read: it cannot be trusted or blamed."""
+
+    def __init__(self, hop: Hop):
+        super().__init__(f"peer {hop.peer.peer_id}: its attestations do not cover the positions read back")
+        self.hop = hop
 
 
 @dataclass
@@ -140,7 +149,30 @@ class RouteRepair:
             return stream.inputs.read(end)
         if index == 0:
             raise RuntimeError("the first hop's inputs are always kept by the client")
-        return await self.hops[index - 1].history(end, self.config.step_timeout_s, self.message_positions())
+        previous = self.hops[index - 1]
+        history = await previous.history(end, self.config.step_timeout_s, self.message_positions())
+        await asyncio.to_thread(self._check_history, previous, history, end)
+        return history
+
+    def _check_history(self, previous: HopStream, history: torch.Tensor, end: int) -> None:
+        """Binds a failover's History read (positions [0, end)) to what ``previous`` signed for them.
+
+        A rebuilt hop's cache is computed from these bytes, so right-shaped garbage would give the
+        user wrong tokens silently. Bytes other than the peer's own signed outputs are a signed lie
+        (``HopFailure.lied``: distrusted, and rebuilt from this client's own inputs too); positions
+        its kept attestations no longer cover (a partial rollback, a long session past the kept
+        ones) cannot be checked, so that hop is rebuilt as well, without blaming it.
+        """
+        chain = AttestationChain()
+        chain.ingest(previous.attestations)
+        chain.finish_step(end)
+        links = chain.covering(0, end)
+        if links is None:
+            raise UnverifiedHistory(previous.hop)
+        wrong = first_mismatch(history, 0, links, "output_sha256", self._wire_dtype)
+        if wrong is not None:
+            raise HopFailure(previous.hop, f"its History from position {wrong} is not the output it signed for",
+                             lied=True)
 
     async def _replace(self, index: int, start: int, budget: Budget, event: FailoverEvent,
                        first: int | None = None) -> None:
@@ -154,9 +186,11 @@ class RouteRepair:
             try:
                 replay = await self._replay_input(first, start)
                 break
-            except HopFailure as failure:  # the previous peer is gone too: rebuild it as well
+            except HopFailure as failure:  # the previous peer is gone too (or lied): rebuild it as well
                 budget.spend(failure)
                 self.events.append(self._note_failure(failure, 0.0))
+                first -= 1
+            except UnverifiedHistory:  # its outputs cannot be checked: rebuild it too, from earlier inputs
                 first -= 1
         layers = (self.hops[first].hop.start, self.hops[index].hop.end)
         replacement = await self._build_with_retries(*layers, replay, budget)

@@ -1,0 +1,87 @@
+"""A hop that misbehaves around forwarding cannot get honest peers blamed or the user wrong tokens.
+
+Each misbehaving peer is the real peer process with one change (``tests/support/brigade_evil_peer.py``)
+announcing a high throughput, so routes pick it first:
+
+* ``lie:S`` answers History with right-shaped noise. When its successor dies, the successor's
+  replacement is rebuilt from that History: the client binds it to what the liar signed, distrusts
+  the liar, and rebuilds both hops from its own inputs.
+* ``no-push:`` answers "forwarded" but never pushes. The honest next hop never gets its inputs; the
+  client must take that for a broken forward (unlink the pair, carry it itself), not ban the honest peer.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from brigade_evil_peer import evil_entry
+from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
+
+from brigade.client import DistributedModelForCausalLM
+from brigade.deploy.launcher import LaunchedProcess, LocalSwarm
+
+pytestmark = pytest.mark.timeout(120)
+
+NEW_TOKENS = 12
+FAST = [*FAST_PEER_ARGS, "--throughput", "5000"]  # what a peer that wants every route announces
+SLOW = [*FAST_PEER_ARGS, "--throughput", "100"]
+
+
+def _start(swarm: LocalSwarm, checkpoint: Path, layout: list[tuple[tuple[int, int], str | None]]) -> list:
+    peers = [swarm.add_peer(str(checkpoint), span, extra_args=FAST if cheat else SLOW, wait=False,
+                            **({"entry": evil_entry(cheat)} if cheat else {}))
+             for span, cheat in layout]
+    for peer in peers:
+        swarm.wait_ready(peer)
+    return peers
+
+
+def _id(peer: LaunchedProcess) -> str:
+    return str(peer.info["peer_id"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("forwarding-faults") / "tiny-llama", "llama", seed=17)
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.nn.Module:
+    return build_model("llama", seed=17)
+
+
+def _prompt(seed: int) -> torch.Tensor:
+    return torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_failover_history_other_than_what_was_signed_distrusts_its_peer(
+    checkpoint: Path, reference: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The next hop dies; the previous hop (a liar) answers History with noise. The client checks it
+    against the liar's attestations, distrusts the liar and rebuilds from its own inputs: exact tokens."""
+    with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
+        swarm.start_bootstrap()
+        liar, _, first_tail, second_tail = _start(swarm, checkpoint, [
+            ((0, 3), "lie:4"), ((0, 3), None), ((3, 6), None), ((3, 6), None)])
+        tails = {_id(first_tail): first_tail, _id(second_tail): second_tail}
+        ids = _prompt(3)
+        expected = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers,
+                                                         verify_rate=0.0) as model:
+            tokens = []
+            for step, new in enumerate(model.stream(ids, max_new_tokens=NEW_TOKENS)):
+                tokens.append(int(new[0]))
+                if step == 4:
+                    assert model.last_route[0].startswith(_id(liar))
+                    victim = tails[model.last_route[1].split("[")[0]]
+                    victim.process.send_signal(signal.SIGKILL)
+                    victim.process.wait(10)
+            assert ids[0].tolist() + tokens == expected[0].tolist()
+            distrusted = [event.peer_id for event in model.last_events if event.kind == "distrust"]
+            assert _id(liar) in distrusted, model.last_events
+            assert not any(hop.startswith(_id(liar)) for hop in model.last_route)
+            survivor = next(peer_id for peer_id in tails if tails[peer_id].alive())
+            assert survivor not in model.bans.banned(), "the honest replacement was not blamed for the lie"
