@@ -25,7 +25,7 @@ from brigade.routing.swarm import fetch_records
 
 logger = logging.getLogger(__name__)
 
-MAX_CHANNELS = 256  # peers this client keeps a channel open to (least recently used closed first)
+MAX_CHANNELS = 256  # peers this client keeps a channel open to (least recently used idle one closed first)
 
 class RemoteSwarm:
     """Lives on the client's event loop; ``start`` joins the DHT, ``close`` leaves it."""

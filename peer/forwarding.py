@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 RECORDS_MAX_AGE_S = 5.0  # a read of the swarm's records serves next-hop look-ups this long
 RECORDS_RETRY_S = 1.0  # an unknown (or moved) next hop triggers a fresh read when the last is older than this
-MAX_FORWARD_CHANNELS = 64  # next-hop channels kept open (least recently used closed first)
+MAX_FORWARD_CHANNELS = 64  # next-hop channels kept open (least recently used idle one closed first)
 
 
 class ForwardError(ConnectionError):

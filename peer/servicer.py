@@ -11,7 +11,9 @@ output hashes), so what a peer returns is evidence of what it computed.
 Nothing a client does can hold a session's pages past the idle timeout: every write to it has that
 deadline (a client that stops reading is idle), an idle session is closed (its pages freed, its
 queued work dropped) before its stream is told, and a step past the step deadline ends the stream
-with DEADLINE_EXCEEDED.
+with DEADLINE_EXCEEDED. Nor is anything computed ahead of a client that does not read: a step's
+answers wait for room in the session's outbox, bounded in bytes (``peer/outbox.py``), and that
+stream reads no further step meanwhile.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from brigade.peer.config import PeerConfig
 from brigade.peer.executor import SpanExecutor
 from brigade.peer.forwarding import ForwardChannels, Forwarder, ForwardError
 from brigade.peer.limits import StepDeadlineError
+from brigade.peer.outbox import post as _post
+from brigade.peer.outbox import send as _send
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.peer.unary import UnaryRpcs, refuse
@@ -180,7 +184,7 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                     await self._step(session, request.step)
                 elif kind == "relink":
                     self._relink(session, request.relink)
-                    _post(session, pb.InferenceResponse(relinked=pb.Relinked()))
+                    await _send(session, pb.InferenceResponse(relinked=pb.Relinked()), idle_s)
                 elif kind == "open":
                     raise InvalidRequestError("this stream already has a session; open a new stream")
                 else:
@@ -334,7 +338,9 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 session.forwarder = None  # the client re-links or carries on client-driven
         if not result.forwarded:
             result.hidden.CopyFrom(output)
-        _post(session, pb.InferenceResponse(result=result))
+        # Waits for the client to take earlier answers (no computing ahead of a client that does not
+        # read); past the idle timeout the session is closed and the step fails (OutboxStalledError).
+        await _send(session, pb.InferenceResponse(result=result), self.config.session_idle_timeout_s)
 
     async def close(self) -> None:
         await self._channels.close()
@@ -351,19 +357,6 @@ async def _no_records() -> list[Any]:
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _post(session: Session, item: object) -> None:
-    """Queues a result (or an error, or EOF) for the session's client stream; a full outbox means the
-    client stopped reading: the session is closed there and then (its pages freed)."""
-    try:
-        session.outbox.put_nowait(item)
-    except asyncio.QueueFull:
-        if not session.closed:
-            logger.warning("session %s: its client stopped reading results; closing it", session.session_id)
-        if session.release is not None:
-            session.release()
-        session.closed = True
 
 
 async def _write(context: grpc.aio.ServicerContext, message: pb.InferenceResponse, timeout_s: float) -> None:

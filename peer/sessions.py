@@ -24,6 +24,7 @@ from brigade.kernels.memory import kv_bytes_per_token
 from brigade.kernels.span import ModelArgs
 from brigade.peer.config import PeerConfig
 from brigade.peer.kv_cache import Allocation, KVCacheManager, Shortfall
+from brigade.peer.outbox import OUTBOX_BYTES, Outbox
 from brigade.peer.outputs import OutputHistory
 from brigade.protocol.errors import (
     CacheFullError,
@@ -34,7 +35,6 @@ from brigade.protocol.errors import (
 )
 from brigade.protocol.messages import NextHop, OpenSession, SessionLimits, Step
 
-OUTBOX_SIZE = 256  # results waiting to be written to a session's client; more means the client stopped reading
 OUTPUT_DTYPE = torch.float32  # kept outputs before the first step names its wire dtype (the widest one)
 
 
@@ -57,8 +57,9 @@ class Session:
     bytes_received: int = 0
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
-    # Results for the client's stream, from whichever stream the steps came in on.
-    outbox: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
+    # Results for the client's stream, from whichever stream the steps came in on; bounded in count
+    # and bytes, and a step waits for room (peer/outbox.py): a client that does not read stalls it.
+    outbox: Outbox = field(default_factory=Outbox)
     forwarder: Any = None  # peer.forwarding.Forwarder while a next hop is linked
     step_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, whichever stream
     # Closes it and frees its pages (set by the manager): for paths that find the client gone or not
@@ -147,6 +148,7 @@ class SessionManager:
             next=request.next,
             outputs=outputs,
             max_bytes=self._session_byte_cap(request),
+            outbox=Outbox(max_bytes=min(OUTBOX_BYTES, 2 * self.config.max_message_bytes)),
         )
         session.release = lambda: self.close(session.session_id, expected=session)
         self.sessions[session.session_id] = session
@@ -288,6 +290,7 @@ class SessionManager:
             return
         del self.sessions[session_id]
         session.closed = True
+        session.outbox.close()  # a step waiting for room lets go (its answer has nobody to go to)
         self._free(session.allocation)
         if session.forwarder is not None:
             session.forwarder.close()

@@ -66,7 +66,7 @@ def test_the_channel_cache_keys_by_the_whole_dial_and_evicts_the_oldest() -> Non
         assert len(cache) == 2 and len(made) == 3
         await asyncio.sleep(0.1)
         assert made[1].get_state() == grpc.ChannelConnectivity.SHUTDOWN
-        assert cache.get(direct, dial) is made[0]
+        assert cache.get(direct, dial).channel is made[0]
         await cache.close()
 
     asyncio.run(scenario())
