@@ -123,6 +123,7 @@ class AdaptiveK:
         self.memory = memory
         self._kept, self._rejections = 1.0, 1.0  # prior: α = 0.5, worth two observations
         self.draft_token_s: float | None = None  # c
+        self._draft_rounds = 0  # rounds that drafted (the first one's time is not a per-token cost)
         self.base_s: float | None = None  # b
         self.slope_s = 0.0  # s
         self._fit = (0.0, 0.0, 0.0, 0.0, 0.0)  # decayed sums over rounds: weight, n, t, n², n·t
@@ -136,9 +137,11 @@ class AdaptiveK:
         if k > 0:
             self._kept = m * self._kept + kept
             self._rejections = m * self._rejections + (1.0 if rejected else 0.0)
+            self._draft_rounds += 1
             per_token = draft_s / k
-            self.draft_token_s = per_token if self.draft_token_s is None else (
-                m * self.draft_token_s + (1 - m) * per_token)
+            if self._draft_rounds > 1:  # the first draft call pays one-off warm-up (allocations, lazy init)
+                self.draft_token_s = per_token if self.draft_token_s is None else (
+                    m * self.draft_token_s + (1 - m) * per_token)
         weight, sum_n, sum_t, sum_nn, sum_nt = (m * value for value in self._fit)
         n = float(positions)
         self._fit = (weight + 1, sum_n + n, sum_t + step_s, sum_nn + n * n, sum_nt + n * step_s)
