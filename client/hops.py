@@ -16,6 +16,7 @@ nobody asked for, and is a failed hop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ import torch
 
 from brigade.client.chunks import MESSAGE_OVERHEAD_BYTES, even_pieces
 from brigade.client.remote import RemoteSwarm
+from brigade.client.verify.evidence import Link
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.channels import handshake_failure
 from brigade.protocol.errors import BrigadeError, from_status
@@ -59,6 +61,7 @@ class HopFailure(Exception):
         self.reason = reason
         self.leaving = leaving  # the peer is draining: avoid it, but it did nothing wrong
         self.lied = lied  # it signed for something other than what it answered: distrust it, not just ban it
+        self.detected_after_s: float | None = None  # when first noticed, if before the step loop learnt of it
 
 
 def classify(hop: Hop, error: BaseException, timeout: float | None = None) -> BaseException:
@@ -163,6 +166,7 @@ class HopStream:
     leaving: bool = False
     reported_length: int = 0  # the session length the peer reported with its last step result
     attestations: list[pb.Attestation] = field(default_factory=list)  # newest last, bounded
+    _attested: list[tuple[int, int | None]] = field(default_factory=list)  # (start, positions) of each kept one
     _answers: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)  # bounded by _read_answers
     _reader: asyncio.Task[None] | None = None
     queued_bytes: int = 0  # bytes of the answers in _answers
@@ -329,10 +333,36 @@ class HopStream:
                 raise
             raise failure from error
 
-    def keep_attestation(self, attestation: pb.Attestation, limit: int = 4096) -> None:
+    def keep_attestation(self, attestation: pb.Attestation, positions: int | None = None, limit: int = 4096) -> None:
+        """Keeps ``attestation`` as evidence, with the ``positions`` its result covered (when known)."""
         self.attestations.append(attestation)
+        self._attested.append((attestation.start_position, positions))
         if len(self.attestations) > limit:
             del self.attestations[: len(self.attestations) - limit]
+        if len(self._attested) > limit:
+            del self._attested[: len(self._attested) - limit]
+
+    def signed_outputs(self, end: int) -> list[Link] | None:
+        """The kept attestations that tile positions ``[0, end)`` as this hop holds them now, each with the
+        positions its result covered; None when some position has none (or only one a rollback cut into).
+
+        Each result's own length is used, not the gap to the next attestation: after a speculative
+        rollback into a step, that gap is shorter than what the attestation's hashes cover.
+        """
+        links: list[Link] = []
+        for attestation, (start, positions) in zip(self.attestations, self._attested, strict=True):
+            while links and links[-1].start >= start:
+                links.pop()  # rolled back: the peer recomputed from ``start`` on
+            if links and (links[-1].length is None or links[-1].end > start):
+                links[-1].truncated = True
+            links.append(Link(attestation, length=positions))
+        chosen = [link for link in links if link.start < end]
+        if not chosen or chosen[0].start != 0 or any(link.truncated or link.length is None for link in chosen):
+            return None
+        for before, after in itertools.pairwise(chosen):
+            if before.end != after.start:
+                return None
+        return chosen if chosen[-1].end == end else None
 
     async def close(self) -> None:
         try:

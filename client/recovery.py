@@ -27,7 +27,7 @@ from brigade.client.arrival import check_on_arrival
 from brigade.client.budget import Budget
 from brigade.client.chunks import replay_pieces
 from brigade.client.hops import HopFailure, HopStream, new_session_id
-from brigade.client.verify.evidence import AttestationChain, first_mismatch
+from brigade.client.verify.evidence import first_mismatch
 from brigade.client.verify.outcomes import VerificationReport
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import rope_digest
@@ -45,9 +45,13 @@ logger = logging.getLogger(__name__)
 class ForwardBroken(Exception):
     """Hop ``index`` could not reach the next hop: that pair goes client-driven and the step restarts."""
 
-    def __init__(self, index: int, reason: str):
+    def __init__(self, index: int, reason: str, suspect: Hop | None = None):
         super().__init__(reason)
         self.index = index
+        # The next hop, when what went wrong was its failure on what it was pushed: it is relinked with a
+        # decode step's deadline, and a hop that cannot even acknowledge that has failed by itself.
+        self.suspect = suspect
+        self.detected_after_s = 0.0
 
 
 class UnverifiedHistory(Exception):
@@ -102,6 +106,8 @@ class RouteRepair:
         return None
 
     def _note_failure(self, failure: HopFailure, detected_after_s: float) -> FailoverEvent:
+        if failure.detected_after_s is not None:
+            detected_after_s = failure.detected_after_s
         peer_id = failure.hop.peer.peer_id
         if failure.lied:  # signed evidence of a lie: no session of this model uses it again
             self.standing.distrust(VerificationReport(
@@ -163,10 +169,7 @@ class RouteRepair:
         its kept attestations no longer cover (a partial rollback, a long session past the kept
         ones) cannot be checked, so that hop is rebuilt as well, without blaming it.
         """
-        chain = AttestationChain()
-        chain.ingest(previous.attestations)
-        chain.finish_step(end)
-        links = chain.covering(0, end)
+        links = previous.signed_outputs(end)
         if links is None:
             raise UnverifiedHistory(previous.hop)
         wrong = first_mismatch(history, 0, links, "output_sha256", self._wire_dtype)
@@ -206,7 +209,7 @@ class RouteRepair:
         logger.info("%s of %s at layers %d:%d handled in %.3f s (replayed %d positions) via %s", event.kind,
                     event.peer_id, *event.layers, event.recovery_s, event.replayed_positions, event.new_route)
 
-    async def _unlink(self, index: int, reason: str) -> None:
+    async def _unlink(self, index: int, reason: str, receiver_timeout_s: float | None = None) -> None:
         """Hop ``index`` could not reach hop ``index + 1``: carry that pair's activations from now on."""
         sender, receiver = self.hops[index], self.hops[index + 1]
         self.unforwardable.add((sender.peer_id, receiver.peer_id))
@@ -215,7 +218,7 @@ class RouteRepair:
         receiver.receives_push = False
         timeout = self.config.open_timeout_s
         await _all(sender.relink(None, sender.session_upstream, timeout),
-                   receiver.relink(receiver.session_next, "", timeout))
+                   receiver.relink(receiver.session_next, "", receiver_timeout_s or timeout))
         self.events.append(FailoverEvent("unlink", sender.peer_id, (sender.hop.start, sender.hop.end), reason, 0.0))
 
     async def _link(self, streams: list[HopStream], pairs: Iterable[int]) -> None:
@@ -344,7 +347,7 @@ class RouteRepair:
             if self.swarm.rope_by_length and result.attestation.rope_sha256 != rope_digest(
                     self.rope_lengths[result.start_position : result.start_position + result.positions]):
                 raise HopFailure(stream.hop, "replayed with other rope lengths than it was sent")
-            stream.keep_attestation(result.attestation)
+            stream.keep_attestation(result.attestation, result.positions)
             pieces.append(result.hidden.tensor)
             covered += result.positions
         return torch.cat(pieces, dim=1)

@@ -5,8 +5,9 @@ default), the client opens every hop's session itself and links them, so each pe
 outputs straight to the next one and only the last hop's answer comes back with tensors; the
 others answer with signed receipts. Where a pair of peers cannot reach each other the client
 carries that pair's activations itself (client-driven), as it does for every pair when forwarding
-is off. A long step moves in chunks, so the second peer works on chunk 1 while the first computes
-chunk 2.
+is off; so does a pair whose receiver fails on what its sender says it pushed (the sender may never
+have pushed, or pushed something else), before anyone is banned. A long step moves in chunks, so
+the second peer works on chunk 1 while the first computes chunk 2.
 
 Failover is one loop (``step``): an attempt runs the step over the route; when a hop fails
 (connection lost, deadline passed, error status, a wrong answer) its peer is banned with backoff,
@@ -126,7 +127,7 @@ class InferenceSession(RouteRepair):
                 if broken is not None:
                     handling_broken, broken = broken, None
                     if handling_broken.index + 1 < len(self.hops):
-                        await self._unlink(handling_broken.index, str(handling_broken))
+                        await self._unlink_broken(handling_broken)
                 await self._leave_distrusted(start, budget)
                 await self._migrate_leaving(start, budget)
                 began = time.monotonic()
@@ -137,11 +138,29 @@ class InferenceSession(RouteRepair):
                 failure = error
             except ForwardBroken as error:
                 budget.spend(error)
+                error.detected_after_s = time.monotonic() - began
                 broken = error
         self.position = start + length
         for listener in self.step_listeners:
             listener(self, start, length)
         return output
+
+    async def _unlink_broken(self, broken: ForwardBroken) -> None:
+        """Unlinks a broken pair; a suspected next hop that cannot acknowledge it within a decode step's
+        deadline has failed by itself (hung or gone), noticed when its step first failed."""
+        suspect = broken.suspect
+        receiver = self.hops[broken.index + 1]
+        quick = None
+        if suspect is not None and receiver.hop == suspect:  # its own deadline for a decode step (floor x 2 unmeasured)
+            measured = receiver.step_ema_s is not None
+            own = self._timeout(receiver, True) if measured else 2 * self.config.decode_timeout_floor_s
+            quick = min(self.config.open_timeout_s, own)
+        try:
+            await self._unlink(broken.index, str(broken), quick)
+        except HopFailure as failure:
+            if quick is not None and failure.hop == suspect:
+                failure.detected_after_s = broken.detected_after_s
+            raise
 
     async def _attempt(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """One try of a step over the current route, run by run (a run: hops linked by forwarding)."""
@@ -196,13 +215,18 @@ class InferenceSession(RouteRepair):
                 covered = 0
                 while covered < length:
                     timeout = self._timeout(stream, decode_sized)
-                    result = self._answer(stream, await self._result(stream, step_id, timeout, sender),
-                                          start + covered, length - covered)
+                    try:
+                        result = self._answer(stream, await self._result(stream, step_id, timeout, sender),
+                                              start + covered, length - covered)
+                        check_on_arrival(stream, result)
+                    except HopFailure as error:
+                        if offset > 0:
+                            _blame_pushed(first + offset, stream, error)
+                        raise
                     arrived = time.monotonic()
                     position = result.start_position
-                    check_on_arrival(stream, result)
                     self._check_rope(first + offset, result, pushed=offset > 0)
-                    stream.keep_attestation(result.attestation)
+                    stream.keep_attestation(result.attestation, result.positions)
                     stream.reported_length = result.length
                     stream.leaving = stream.leaving or result.peer_leaving
                     is_last = offset == len(streams) - 1
@@ -296,6 +320,21 @@ class InferenceSession(RouteRepair):
                 logger.exception("a session close hook failed")
         await asyncio.gather(*(stream.close() for stream in self.hops), return_exceptions=True)
         self.hops.clear()
+
+
+def _blame_pushed(index: int, stream: HopStream, failure: HopFailure) -> None:
+    """A hop fed by its upstream's push failed: the push, not the hop, may be what went wrong.
+
+    Its upstream said it forwarded every position of the step (it was read first), but one that
+    never pushes, or pushes other positions, leaves an honest hop timing out or answering what it
+    was given. So the pair is unlinked (``ForwardBroken``) and the step retried client-driven: only
+    a hop that then fails on input this client fed it is banned. A signed lie of its own, a hop that
+    is leaving, or a failure of the run's sender (the first hop's) stay what they are.
+    """
+    if failure.lied or failure.leaving or failure.hop != stream.hop:
+        return
+    reason = f"the next hop failed on what its upstream said it forwarded: {failure.reason}"
+    raise ForwardBroken(index - 1, reason, suspect=stream.hop) from failure
 
 
 async def _buffered(source: AsyncIterator[tuple[int, torch.Tensor]]) -> AsyncIterator[tuple[int, torch.Tensor]]:

@@ -85,3 +85,21 @@ def test_a_failover_history_other_than_what_was_signed_distrusts_its_peer(
             assert not any(hop.startswith(_id(liar)) for hop in model.last_route)
             survivor = next(peer_id for peer_id in tails if tails[peer_id].alive())
             assert survivor not in model.bans.banned(), "the honest replacement was not blamed for the lie"
+
+
+def test_an_upstream_that_claims_to_forward_but_never_pushes_gets_nobody_honest_banned(
+    checkpoint: Path, reference: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The first hop answers every step "forwarded" and pushes nothing; the honest second hop never
+    answers. The client unlinks the pair and carries it itself: exact tokens, the honest peer unbanned."""
+    with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
+        swarm.start_bootstrap()
+        silent, tail = _start(swarm, checkpoint, [((0, 3), "no-push:"), ((3, 6), None)])
+        ids = _prompt(4)
+        expected = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers, verify_rate=0.0,
+                                                         step_timeout_s=3.0, retry_budget_s=15) as model:
+            assert model.generate(ids, max_new_tokens=NEW_TOKENS).tolist() == expected.tolist()
+            assert _id(tail) not in model.bans.banned(), model.last_events
+            assert not [event for event in model.last_events if event.kind == "failure"], model.last_events
+            assert any(event.kind == "unlink" and event.peer_id == _id(silent) for event in model.last_events)

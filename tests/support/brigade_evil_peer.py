@@ -18,7 +18,8 @@ that covers nothing the client asks about: what dodged every check before attest
 checked on arrival). ``refuse-history:`` computes honestly but refuses every ``History`` read
 (a check it dodged counted as skipped). ``frame-upstream:`` computes honestly but signs a wrong
 hash of the input it received: a free identity that says its honest upstream neighbour pushed it
-other bytes than that neighbour signed for.
+other bytes than that neighbour signed for. ``no-push:`` computes and signs honestly and answers its
+steps "forwarded", but never pushes them: its honest next hop waits for inputs that never come.
 ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
@@ -169,6 +170,16 @@ def _frame_upstream() -> None:
     servicer.attest = framing_attest  # type: ignore[assignment]
 
 
+def _never_push() -> None:
+    """Claims every step forwarded (the send "succeeds") but sends nothing to the next hop."""
+    from brigade.peer.forwarding import Forwarder
+
+    async def silent_send(self: Forwarder, step) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+    Forwarder.send = silent_send  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
         raise SystemExit("usage: brigade_evil_peer.py --cheat KIND:VALUE <brigade arguments> (see the docstring)")
@@ -193,9 +204,11 @@ def main(argv: list[str]) -> None:
         _refuse_history()
     elif kind == "frame-upstream":
         _frame_upstream()
+    elif kind == "no-push":
+        _never_push()
     else:
         raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S, rope:K, refuse:invalid|range, "
-                         "crash:, short-history:K, shift-attestation:K, refuse-history: or frame-upstream:")
+                         "crash:, short-history:K, shift-attestation:K, refuse-history:, frame-upstream: or no-push:")
     app(args=argv[2:], prog_name="brigade")
 
 
