@@ -94,6 +94,7 @@ class Rerunner:
         )
         try:
             length = inputs.shape[1]
+            stream.ask(length)  # all of it is sent before any answer is read: its queue must hold them
             for start, end in even_pieces(0, length, session.message_positions()):  # under the message cap
                 hidden = await asyncio.to_thread(encode, inputs[:, start:end], self._wire)
                 await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
