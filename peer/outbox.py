@@ -70,8 +70,8 @@ class Outbox:
     async def put(self, item: Any, nbytes: int, timeout_s: float) -> None:
         """Queues an answer of ``nbytes``, waiting up to ``timeout_s`` for the client to take enough.
 
-        Raises OutboxStalledError when the wait passes its deadline. On a closed outbox (the session
-        ended) the answer is dropped: nobody will write it, and the session's next step fails."""
+        Raises OutboxStalledError when the wait passes its deadline. A closed outbox (the session
+        ended) takes the answer without waiting if it fits, else drops it (the session's next step fails)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not self.closed and not self._fits(nbytes):
@@ -86,8 +86,9 @@ class Outbox:
                     await self._room.wait()
             except TimeoutError:
                 continue  # the loop raises (or finds room that came at the last moment)
-        if not self.closed:
-            self._append(item, nbytes)
+        if not self.closed or self._fits(nbytes):
+            self._append(item, nbytes)  # a closed outbox still takes what fits: the writer sends it before
+            # the call ends (a draining peer's last answers say it is leaving, so its client migrates)
 
     def post(self, item: Any) -> bool:
         """Queues a control item at once; False when even the slack is used up (the client is not reading)."""
