@@ -14,30 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from brigade_evil_peer import evil_entry
-from brigade_testkit import FAST_PEER_ARGS, PEER_THREADS, build_checkpoint, build_model
+from brigade_faults import peer_id as _id
+from brigade_faults import start_layout as _start
+from brigade_testkit import PEER_THREADS, build_checkpoint, build_model
 
 from brigade.client import DistributedModelForCausalLM
-from brigade.deploy.launcher import LaunchedProcess, LocalSwarm
+from brigade.deploy.launcher import LocalSwarm
 
 NEW_TOKENS = 16
-FAST = [*FAST_PEER_ARGS, "--throughput", "5000"]  # what a peer that wants every route announces
-SLOW = [*FAST_PEER_ARGS, "--throughput", "100"]
-
-
-def _start(swarm: LocalSwarm, checkpoint: Path, layout: list[tuple[tuple[int, int], str | None]]) -> list:
-    peers = [swarm.add_peer(str(checkpoint), span, extra_args=FAST if cheat else SLOW, wait=False,
-                            **({"entry": evil_entry(cheat)} if cheat else {}))
-             for span, cheat in layout]
-    for peer in peers:
-        swarm.wait_ready(peer)
-    return peers
-
-
-def _id(peer: LaunchedProcess) -> str:
-    return str(peer.info["peer_id"])
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("faults") / "tiny-llama", "llama", seed=13)
