@@ -165,6 +165,7 @@ class UnaryRpcs:
             compute_passes=self.executor.passes,
             computed_steps=self.executor.batched_items,
             compute_seconds=self.executor.compute_seconds,
+            asyncio_tasks=len(asyncio.all_tasks()),  # this call's own task included
         )
 
 

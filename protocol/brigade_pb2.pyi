@@ -231,7 +231,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("peer_id", "model_name", "start_layer", "end_layer", "num_layers", "hidden_size", "dtype", "quantization", "version", "max_length", "free_cache_tokens", "open_sessions", "state", "throughput", "software_version", "started_at", "cache_tokens", "compute_passes", "computed_steps", "compute_seconds")
+    __slots__ = ("peer_id", "model_name", "start_layer", "end_layer", "num_layers", "hidden_size", "dtype", "quantization", "version", "max_length", "free_cache_tokens", "open_sessions", "state", "throughput", "software_version", "started_at", "cache_tokens", "compute_passes", "computed_steps", "compute_seconds", "asyncio_tasks")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class InfoResponse(_message.Message):
     COMPUTE_PASSES_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ASYNCIO_TASKS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     model_name: str
     start_layer: int
@@ -272,7 +273,8 @@ class InfoResponse(_message.Message):
     compute_passes: int
     computed_steps: int
     compute_seconds: float
-    def __init__(self, peer_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., open_sessions: _Optional[int] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., software_version: _Optional[str] = ..., started_at: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., compute_passes: _Optional[int] = ..., computed_steps: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    asyncio_tasks: int
+    def __init__(self, peer_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., free_cache_tokens: _Optional[int] = ..., open_sessions: _Optional[int] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., software_version: _Optional[str] = ..., started_at: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., compute_passes: _Optional[int] = ..., computed_steps: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., asyncio_tasks: _Optional[int] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("address", "tls_cert", "token", "timeout_s")
