@@ -3,12 +3,21 @@
     python benchmarks/chaos.py                       # 100 generations, 2 kill -9 each
     python benchmarks/chaos.py --generations 20      # shorter
     python benchmarks/chaos.py --signal STOP         # hung peers instead of dead ones
+    python benchmarks/chaos.py --no-batch-invariant  # default peers and client: replays merge decode steps
 
 Each generation kills (or freezes) two peers on the route in use at random decode steps, checks
 the tokens against transformers' greedy output on the same checkpoint, then restarts the peers
 with the same identity. It prints how many generations completed with identical tokens and the
 recovery time per failure (detection plus re-route plus replay) as min / median / max. Then it
-measures how recovery grows with the replayed history: one kill after 64, 256 and 1024 positions.
+measures how recovery grows with the replayed history: one kill after a prompt of 64, 256 and 1024
+positions (one prefill step to replay), and after 64 and 256 decoded positions (one step per position).
+
+Batch-invariant mode (the default here; ``--batch-invariant`` on peers, ``batch_invariant=True`` on the
+client): peers compute one step per pass, and a replay sends every original step as its own message, so
+the rebuilt cache, and every token after a failure, is bit for bit what it would have been. Its cost is
+in the decoded-history rows (one pass per replayed decode step instead of one per message) and in
+throughput under concurrency (no cross-session batching: ``benchmarks/throughput.py --batch-invariant``).
+Forwarding (peers push activations to the next hop) is on, as it is for users.
 
 The swarm: a 16-layer Llama shape (hidden 256) on 5 peers covering every layer twice with
 different boundaries (the chaos test's layout, from tests/support/brigade_testkit.py).
@@ -77,6 +86,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--signal", choices=["KILL", "STOP"], default="KILL")
     parser.add_argument("--history", type=int, nargs="*", default=[64, 256, 1024])
+    parser.add_argument("--decoded-history", type=int, nargs="*", default=[64, 256])
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sig = signal.SIGKILL if args.signal == "KILL" else signal.SIGSTOP
@@ -87,11 +98,14 @@ def main() -> int:
         torch.manual_seed(0)
         reference = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
         reference.save_pretrained(folder / "chaos-llama")
-        chaos = ChaosSwarm(folder, folder / "chaos-llama", LAYERS, PEER_ARGS)
+        peer_args = [*PEER_ARGS, "--batch-invariant"] if args.batch_invariant else PEER_ARGS
+        chaos = ChaosSwarm(folder, folder / "chaos-llama", LAYERS, peer_args)
         try:
             chaos.start()
-            model = DistributedModelForCausalLM.from_pretrained(str(folder / "chaos-llama"), chaos.swarm.initial_peers)
-            identical, recoveries, detections = 0, [], []
+            model = DistributedModelForCausalLM.from_pretrained(str(folder / "chaos-llama"), chaos.swarm.initial_peers,
+                                                                batch_invariant=args.batch_invariant)
+            print(f"batch-invariant mode {'on' if args.batch_invariant else 'off'}, forwarding on", flush=True)
+            completed, identical, recoveries, detections = 0, 0, [], []
             began = time.monotonic()
             for generation in range(args.generations):
                 generator = torch.Generator().manual_seed(generation)
@@ -108,7 +122,12 @@ def main() -> int:
                         frozen.append(victim)
 
                 steps = set(rng.sample(range(1, args.new_tokens - 1), 2))
-                got = generate_with_faults(model, prompt, args.new_tokens, steps, fault)
+                try:
+                    got = generate_with_faults(model, prompt, args.new_tokens, steps, fault)
+                    completed += 1
+                except Exception as error:  # counted and shown: the point of the run is that none happens
+                    got = []
+                    print(f"generation {generation + 1}: FAILED: {type(error).__name__}: {error}", flush=True)
                 identical += got == expected
                 failures = [e for e in model.last_events if e.kind == "failure"]
                 recoveries += [e.recovery_s for e in failures]
@@ -118,7 +137,7 @@ def main() -> int:
                     peer.process.wait(10)
                 chaos.heal()
                 verdict = "identical"
-                if got != expected:
+                if got and got != expected:
                     gap, step = smallest_margin(reference, prompt, args.new_tokens)
                     first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
                     verdict = (f"DIFF from new token {first - prompt.shape[1]} (reference's smallest top-2 logit gap: "
@@ -127,24 +146,34 @@ def main() -> int:
                       flush=True)
             print(f"\n{args.generations} generations with 2 x SIG{args.signal} each, "
                   f"{time.monotonic() - began:.0f} s in all")
-            print(f"completed {args.generations}/{args.generations}, identical tokens {identical}/{args.generations}")
+            print(f"completed {completed}/{args.generations}, identical tokens {identical}/{args.generations}")
             print(f"detection + recovery per failure: {summary(detections)}")
             print(f"recovery alone (re-route, open, replay): {summary(recoveries)}")
 
             print("\nrecovery time against replayed history (one SIGKILL after H positions):")
             for history in args.history:
                 prompt = torch.randint(0, SHAPE["vocab_size"], (1, history), generator=torch.Generator().manual_seed(7))
-                times = []
-                for _ in range(3):
-                    got = generate_with_faults(model, prompt, 4, {1}, lambda route: _kill(chaos, route, rng))
-                    failures = [e for e in model.last_events if e.kind == "failure"]
-                    times += [e.recovery_s for e in failures]
-                    chaos.heal()
-                print(f"  history {history:>5}: {summary(times)}")
+                times = _recoveries(chaos, model, prompt, 4, 1, rng)
+                print(f"  prompt of {history:>5}: {summary(times)}")
+            for history in args.decoded_history:
+                prompt = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(7))
+                times = _recoveries(chaos, model, prompt, history, history - 10, rng)
+                print(f"  8 + {history - 8:>4} decoded: {summary(times)}")
             model.close()
         finally:
             chaos.swarm.close()
-    return 0
+    return 0 if identical == args.generations else 1
+
+
+def _recoveries(chaos: ChaosSwarm, model, prompt: torch.Tensor, new_tokens: int, kill_step: int,
+                rng: random.Random) -> list[float]:
+    """Recovery times of three generations, each with one SIGKILL after ``kill_step`` new tokens."""
+    times = []
+    for _ in range(3):
+        generate_with_faults(model, prompt, new_tokens, {kill_step}, lambda route: _kill(chaos, route, rng))
+        times += [e.recovery_s for e in model.last_events if e.kind == "failure"]
+        chaos.heal()
+    return times
 
 
 def _kill(chaos: ChaosSwarm, route: list[str], rng: random.Random) -> None:

@@ -102,6 +102,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per session")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--batch-window-ms", type=float, default=None, help="peers' --batch-window-ms")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="peers in batch-invariant mode (one step per pass: what the mode costs)")
     args = parser.parse_args()
     shape = SHAPES["small" if args.small else "250m"]
     most = max(args.sessions)
@@ -110,6 +112,8 @@ def main() -> int:
                  "--max-sessions-per-client", str(2 * most)]
     if args.batch_window_ms is not None:
         peer_args += ["--batch-window-ms", str(args.batch_window_ms)]
+    if args.batch_invariant:
+        peer_args += ["--batch-invariant"]
 
     with tempfile.TemporaryDirectory(prefix="brigade-bench-") as tmp:
         checkpoint = Path(tmp) / "llama-bench"

@@ -9,7 +9,9 @@ Where the pieces fall matters for replays: a peer computes each message in its o
 so a replay that starts and ends its messages where the original steps did rebuilds a prefill's
 cache exactly as it was first computed. ``replay_pieces`` keeps every multi-position step (a
 prompt, a chunk of one, a speculative draft) in messages of its own, and merges runs of one-position
-decode steps, which one pass per position would make slow to replay, up to the cap.
+decode steps, which one pass per position would make slow to replay, up to the cap. Merged steps
+rebuild the cache within float tolerance, not bit for bit (a matmul rounds a row differently beside
+other rows); batch-invariant clients (``ClientConfig.batch_invariant``) do not merge them.
 """
 
 from __future__ import annotations
@@ -32,19 +34,19 @@ def even_pieces(start: int, end: int, most: int) -> list[tuple[int, int]]:
     return [(position, min(end, position + most)) for position in range(start, end, max(1, most))]
 
 
-def replay_pieces(boundaries: Sequence[int], end: int, most: int) -> list[tuple[int, int]]:
+def replay_pieces(boundaries: Sequence[int], end: int, most: int, merge_decode: bool = True) -> list[tuple[int, int]]:
     """``[0, end)`` in pieces of at most ``most`` positions that begin at original step boundaries.
 
     ``boundaries``: the positions where the original steps began (sorted; 0 first). A step of
     several positions is sent alone (split at ``most`` when longer); consecutive one-position steps
-    are merged. Positions past the last boundary count as one step.
+    are merged unless ``merge_decode`` is False. Positions past the last boundary count as one step.
     """
     starts = sorted({b for b in boundaries if 0 <= b < end} | {0})
     steps = [(a, b) for a, b in zip(starts, [*starts[1:], end], strict=True)]
     pieces: list[tuple[int, int]] = []
     run_start: int | None = None  # a run of merged one-position steps, not yet closed
     for a, b in steps:
-        if b - a == 1:
+        if b - a == 1 and merge_decode:
             if run_start is None:
                 run_start = a
             if b - run_start >= most:

@@ -34,6 +34,9 @@ class ClientConfig:
     allow_insecure: bool = False  # accept peers without TLS (private --insecure test swarms only)
     forwarding: bool = True  # peers send outputs straight to the next hop (falls back per pair when they cannot)
     pipeline_prefill: bool = True  # pass each prefill chunk on as soon as it is computed
+    # Route only through peers in batch-invariant mode (peer --batch-invariant) and replay every original step
+    # as its own message: a failover then rebuilds the lost cache bit for bit (slower replays; docs/design.md)
+    batch_invariant: bool = False
     verify_rate: float = 0.05  # share of finished windows re-checked on another peer serving the same layers
     verify_window: int = 16  # decode steps per hop that make one window
     verify_schedule: str = "stratified"  # "stratified": one check in each block of 1/verify_rate windows; "random"

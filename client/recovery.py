@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,10 @@ from brigade.routing.route import Hop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+# Replay messages one hop may have unanswered at once: well under a peer's per-client queue bound
+# (``PeerConfig.max_queued_work_per_client``, 128), enough to keep its compute thread busy.
+REPLAY_WINDOW = 16
 
 logger = logging.getLogger(__name__)
 
@@ -325,20 +330,25 @@ class RouteRepair:
 
         One step in messages under the cap, cut where the original steps began (``client/chunks.py``),
         so that a replay of any length is accepted and a prefill's cache is rebuilt as it was computed.
+        At most ``REPLAY_WINDOW`` messages are unanswered at a time: a batch-invariant replay sends one
+        message per original decode step, more than a peer queues for one client.
         """
         self._step_id += 1
         step_id = self._step_id
         length = replay.shape[1]
-        pieces_to_send = replay_pieces(self.hops[0].inputs.starts() if self.hops else [0], length,
-                                       self.message_positions())
-        for start, end in pieces_to_send:
-            stream.inputs.append(start, replay[:, start:end])
-            stream.ask(end - start)
-            await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
-                encode(replay[:, start:end], self._wire_dtype), start, step_id, length,
-                self.rope_lengths_for(start, end))))
+        pieces_to_send = deque(replay_pieces(self.hops[0].inputs.starts() if self.hops else [0], length,
+                                             self.message_positions(), merge_decode=not self.config.batch_invariant))
+        unanswered: deque[int] = deque()  # end positions of the messages sent and not yet fully answered
         pieces, covered = [], 0
         while covered < length:
+            while pieces_to_send and len(unanswered) < REPLAY_WINDOW:
+                start, end = pieces_to_send.popleft()
+                stream.inputs.append(start, replay[:, start:end])
+                stream.ask(end - start)
+                await stream.send(pb.InferenceRequest(session_id=stream.session_id, step=Step.proto(
+                    encode(replay[:, start:end], self._wire_dtype), start, step_id, length,
+                    self.rope_lengths_for(start, end))))
+                unanswered.append(end)
             result = self._answer(stream, await self._result(stream, step_id, self.config.step_timeout_s), covered,
                                   length - covered)
             if result.hidden is None:
@@ -350,6 +360,8 @@ class RouteRepair:
             stream.keep_attestation(result.attestation, result.positions)
             pieces.append(result.hidden.tensor)
             covered += result.positions
+            while unanswered and unanswered[0] <= covered:
+                unanswered.popleft()
         return torch.cat(pieces, dim=1)
 
 

@@ -104,7 +104,7 @@ class RemoteSwarm:
             await asyncio.sleep(0.25)
 
     def _usable(self, record: PeerRecord) -> bool:
-        """Records this client may route through: its model shape, quantizations, and security.
+        """Records this client may route through: its model shape, quantizations, batch invariance, security.
 
         The allowlist and blocklist were applied when the records were read (``fetch_records``)."""
         config = self.config
@@ -112,6 +112,8 @@ class RemoteSwarm:
             return False
         if config.quantizations is not None and record.quantization not in config.quantizations:
             return False
+        if config.batch_invariant and not record.batch_invariant:
+            return False  # its results depend on other sessions' load: a replay there would not be exact
         if record.reachable is False and not record.relay_peer_id:
             return False  # cannot accept connections and has no relay (yet): nobody can reach it
         return bool(record.tls_cert) or config.allow_insecure

@@ -97,6 +97,9 @@ def run(
         help="Prefill chunk size (pipelining, fairness).")] = PeerConfig.prefill_chunk_tokens,
     batch_window_ms: Annotated[float, typer.Option(
         help="Cap (ms) on waiting for busy sessions' steps.")] = PeerConfig.batch_window_ms,
+    batch_invariant: Annotated[bool, typer.Option(
+        "--batch-invariant", help="One step per pass in fixed chunks: results independent of other sessions, "
+        "replays bit-exact (costs throughput under concurrency).")] = PeerConfig.batch_invariant,
     num_layers: Annotated[int | None, typer.Option(
         help="With --layers auto: how many layers to host (default: as many as fit).")] = None,
     throughput: Annotated[str, typer.Option(

@@ -60,6 +60,9 @@ class PeerConfig:
     max_batch_tokens: int = 2048  # positions one pass over the span may compute (decode steps + prefill chunks)
     prefill_chunk_tokens: int = 512  # a longer prefill is computed (and forwarded) in chunks of this many positions
     batch_window_ms: float = 10.0  # cap on a ready step's wait for busy sessions' steps (adaptive below it)
+    # One step per pass in fixed 512-position chunks: results never depend on other sessions' load, and a
+    # replay on another such peer rebuilds a cache bit for bit (docs/design.md "Batch-invariant mode")
+    batch_invariant: bool = False
     forward_timeout_s: float = 10.0  # deadline for reaching the next hop when forwarding
     step_timeout_s: float = 600.0  # longest a step or Forward pass may take, queue wait included (a slow prefill)
     max_queued_work: int = 1024  # compute work items queued at once, all clients together; more are refused

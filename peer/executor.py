@@ -81,12 +81,14 @@ class SpanExecutor:
         batch_window_s: float = 0.010,
         max_queued: int = MAX_QUEUED_ITEMS,
         max_queued_per_client: int = MAX_QUEUED_PER_CLIENT,
+        batch_invariant: bool = False,
     ):
         self.span = span
         self.dtype = dtype
         self.device = device
         self.max_batch_tokens = max_batch_tokens
         self.batch_window_s = batch_window_s
+        self.batch_invariant = batch_invariant  # one step per pass, fixed chunks (scheduler.plan_batch)
         self._num_threads = num_threads
         self._inbox: queue.SimpleQueue[WorkItem | object] = queue.SimpleQueue()
         self._ready: list[WorkItem] = []
@@ -183,10 +185,10 @@ class SpanExecutor:
                 return
             self._drop_abandoned()
             if self._ready:
-                if self._exclusive is None:
+                if self._exclusive is None and not self.batch_invariant:
                     self._wait_for_company()
                     self._drop_abandoned()
-                plan = plan_batch(self._ready, self.max_batch_tokens)
+                plan = plan_batch(self._ready, self.max_batch_tokens, self.batch_invariant)
                 try:
                     self._run_plan(plan)
                 except Exception:  # a bug in one pass must not kill the thread

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 
 DECODE_SIZED = 8  # steps of at most this many positions are decode steps: never chunked, batched first
+# Batch-invariant mode: prefill chunks of this many positions from each step's start, whatever a peer's
+# --prefill-chunk-tokens, so that every peer cuts the same step the same way (a replay repeats the shapes).
+INVARIANT_CHUNK_TOKENS = 512
 
 
 @dataclass
@@ -64,8 +67,12 @@ class WorkItem:
         return id(self.session) if self.session is not None else id(self)
 
 
-def plan_batch(ready: list[WorkItem], max_tokens: int) -> list[tuple[WorkItem, int]]:
+def plan_batch(ready: list[WorkItem], max_tokens: int, invariant: bool = False) -> list[tuple[WorkItem, int]]:
     """The items the next pass computes and how many of each one's positions, oldest first.
+
+    ``invariant`` (batch-invariant mode): the oldest item alone, in chunks of ``INVARIANT_CHUNK_TOKENS``
+    counted from its start. A row's floats then depend only on its own step, never on who else was
+    queued: a CPU or GPU matmul rounds a row differently with another number of rows beside it.
 
     All items of a pass share one layer range (that of the oldest ready item). Decode steps come
     first, then chunks of prefills, within ``max_tokens`` (batch x positions) in all; the oldest
@@ -74,6 +81,9 @@ def plan_batch(ready: list[WorkItem], max_tokens: int) -> list[tuple[WorkItem, i
     """
     if not ready:
         return []
+    if invariant:
+        oldest = min(ready, key=lambda item: item.enqueued_at)
+        return [(oldest, min(oldest.remaining, INVARIANT_CHUNK_TOKENS))]
     ordered = sorted(ready, key=lambda item: item.enqueued_at)
     layers = ordered[0].layers
     seen: set[object] = set()

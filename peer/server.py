@@ -204,6 +204,7 @@ class PeerServer:
             num_layers=self.sessions.args.num_layers,
             dtype=self.config.dtype,
             quantization=self.config.quantization,
+            batch_invariant=self.config.batch_invariant,
             throughput=self.throughput,
             prefill_throughput=self.prefill_throughput,
             pings=self._pings.current() if self._pings is not None else {},

@@ -167,7 +167,8 @@ async def serve(config: PeerConfig, identity: Identity, model_name: str, span: S
     sessions = SessionManager(config, span.args, dtype, config.device)
     executor = SpanExecutor(span, dtype, config.device, config.num_threads, max_batch_tokens=config.max_batch_tokens,
                             batch_window_s=config.batch_window_ms / 1000, max_queued=config.max_queued_work,
-                            max_queued_per_client=config.max_queued_work_per_client)
+                            max_queued_per_client=config.max_queued_work_per_client,
+                            batch_invariant=config.batch_invariant)
     executor.start()
     stack.callback(executor.close)
     forward_channels = ForwardChannels(

@@ -101,6 +101,7 @@ class PeerRecord(SignedFields):
     num_layers: Annotated[int, Field(gt=0, le=1 << 20)]  # of the whole model, so clients can check coverage
     dtype: _Text
     quantization: _Text = "none"
+    batch_invariant: bool = False  # computes one step per pass in fixed chunks (peer --batch-invariant)
     throughput: _Rate = 0.0  # tokens/s per layer (decode, batch 1); 0 = unmeasured
     prefill_throughput: _Rate = 0.0  # tokens/s per layer for a prefill chunk; 0 = unmeasured
     free_cache_tokens: Annotated[int, Field(ge=0, le=1 << 48)] = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from itertools import pairwise
@@ -17,7 +18,7 @@ import pytest
 import torch
 from brigade_testkit import FAST_PEER_ARGS, ChaosSwarm, build_checkpoint, build_model
 
-from brigade.client import DistributedModelForCausalLM
+from brigade.client import DistributedModelForCausalLM, core
 from brigade.deploy.launcher import LaunchedProcess
 
 LAYERS = 16
@@ -29,7 +30,9 @@ GENERATIONS = 10  # kill -9 runs in CI; benchmarks/chaos.py runs 100
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChaosSwarm, DistributedModelForCausalLM]]:
     folder = tmp_path_factory.mktemp("chaos")
     checkpoint = build_checkpoint(folder / "tiny-llama-16", "llama", seed=21, num_hidden_layers=LAYERS)
-    swarm = ChaosSwarm(folder, checkpoint, LAYERS)
+    # Batch-invariant peers: a batch-invariant client's replays are then bit-exact (the default client
+    # still merges its decode steps in replays, and is tested here as well).
+    swarm = ChaosSwarm(folder, checkpoint, LAYERS, peer_args=[*FAST_PEER_ARGS, "--batch-invariant"])
     try:
         swarm.start()
         with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.swarm.initial_peers) as model:
@@ -102,6 +105,66 @@ def test_kill_minus_9_with_client_driven_hops(chaos, reference) -> None:
             assert run_with_faults(model, prompt, steps, kill) == expected, f"generation {generation} diverged"
             assert not any(model.last_forwarding)
             swarm.heal()
+
+
+def _capture_step_outputs(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[torch.Tensor]]:
+    """Every session step's output (the last hop's hidden states), by session, as the client saw them."""
+    outputs: dict[int, list[torch.Tensor]] = {}
+    timed_step = core._timed_step
+
+    async def recording(session, step):  # type: ignore[no-untyped-def]
+        out, report = await timed_step(session, step)
+        outputs.setdefault(id(session), []).append(out.clone())
+        return out, report
+
+    monkeypatch.setattr(core, "_timed_step", recording)
+    return outputs
+
+
+def _same_bits(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_batch_invariant_replay_rebuilds_the_lost_cache_bit_for_bit(chaos, reference, monkeypatch) -> None:
+    """After a kill -9, every later step's outputs equal a run without failures bit for bit, and two
+    concurrent generations get the same bits as each alone (no cross-session batching)."""
+    swarm, forwarding_model = chaos
+    outputs = _capture_step_outputs(monkeypatch)
+    rng = random.Random(6)
+    with DistributedModelForCausalLM.from_pretrained(
+        forwarding_model.model_path, swarm.swarm.initial_peers, batch_invariant=True
+    ) as model:
+        prompts = [prompt_for(140), prompt_for(141)]
+        alone = []
+        for prompt in prompts:
+            outputs.clear()
+            assert run_with_faults(model, prompt, set(), print) == reference.generate(
+                prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+            alone.append(next(iter(outputs.values())))
+        failures = 0
+        for generation in range(2):
+            outputs.clear()
+
+            def kill(route: list[str]) -> None:
+                victim = swarm.pick_victim(route, rng)
+                if victim is not None:
+                    victim.process.send_signal(signal.SIGKILL)
+                    victim.process.wait(10)
+
+            run_with_faults(model, prompts[0], {4 + 9 * generation}, kill)
+            failures += sum(event.kind == "failure" for event in model.last_events)
+            assert _same_bits(alone[0], next(iter(outputs.values()))), f"generation {generation}: other floats"
+            swarm.heal()
+        assert failures >= 1, "no kill hit the route in use"
+        outputs.clear()
+        threads = [threading.Thread(target=run_with_faults, args=(model, prompt, set(), print)) for prompt in prompts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        together = sorted(outputs.values(), key=lambda steps: steps[0].shape[1])
+        assert len(together) == 2 and all(_same_bits(*pair) for pair in zip(
+            sorted(alone, key=lambda steps: steps[0].shape[1]), together, strict=True))
 
 
 def test_hung_peer_sigstop(chaos, reference) -> None:
