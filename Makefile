@@ -39,7 +39,7 @@ browser: debian
 
 test: setup debian
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=30
 
 bench: setup
 	$(PY) benchmarks/decode_latency.py

@@ -31,6 +31,7 @@ import torch
 from brigade.client.arrival import check_on_arrival
 from brigade.client.budget import Budget, RecoveryExhaustedError
 from brigade.client.chunks import even_pieces, positions_per_message
+from brigade.client.handover import Pushed, check_handover
 from brigade.client.hops import HopFailure, HopStream
 from brigade.client.recovery import FailoverEvent, ForwardBroken, RouteRepair
 from brigade.client.remote import RemoteSwarm
@@ -211,14 +212,18 @@ class InferenceSession(RouteRepair):
         try:
             decode_sized = length <= DECODE_SIZED
             previous_at: float | None = None
+            pushed: Pushed = []  # what the previous hop of the run signed for this step, as it answered
             for offset, stream in enumerate(streams):
                 covered = 0
+                signed: Pushed = []
                 while covered < length:
                     timeout = self._timeout(stream, decode_sized)
                     try:
                         result = self._answer(stream, await self._result(stream, step_id, timeout, sender),
                                               start + covered, length - covered)
                         check_on_arrival(stream, result)
+                        if offset > 0:
+                            check_handover(streams[offset - 1], pushed, stream, result)
                     except HopFailure as error:
                         if offset > 0:
                             _blame_pushed(first + offset, stream, error)
@@ -244,6 +249,8 @@ class InferenceSession(RouteRepair):
                         self._observe(stream, arrived - reference, result.compute_ms)
                     previous_at = arrived
                     covered += result.positions
+                    signed.append((result.start_position, result.positions, result.attestation))
+                pushed = signed
             await sender
         finally:
             if not sender.done():

@@ -34,6 +34,7 @@ from brigade.peer.forwarding import ForwardChannels, Forwarder, ForwardError
 from brigade.peer.limits import StepDeadlineError
 from brigade.peer.outbox import post as _post
 from brigade.peer.outbox import send as _send
+from brigade.peer.pushes import vouched_push
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.peer.unary import UnaryRpcs, refuse
@@ -204,6 +205,7 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         # Who pushes, and whether it may, before any session is looked up: ids cannot be probed.
         pusher = self.tokens.verify(attach.token if attach.HasField("token") else None, "attach",
                                     attach.session_id.encode())
+        pusher_key = bytes(attach.token.public_key)  # verified: the key the pusher signs its attestations with
         if not self.config.peer_filter.admits(pusher):
             raise PermissionDeniedError(f"{pusher} is not admitted by this peer's allowlist/blocklist of peers")
         if pusher in self.config.blocked_clients or (
@@ -226,10 +228,14 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 raise InvalidRequestError("a push stream carries only steps of its own session")
             if pusher != session.upstream_peer_id:
                 raise PermissionDeniedError(f"{pusher} is no longer the previous hop of this session")
+            upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0])
             try:
-                await self._step(session, request.step)
+                await self._step(session, request.step, upstream)
             except BrigadeError as error:
                 _post(session, error)  # the client learns on its own stream, and this push stream ends
+                raise
+            except Exception as error:  # a bug here must not leave the client waiting out its step deadline
+                _post(session, ComputeError(f"this peer failed on a pushed step ({type(error).__name__})"))
                 raise
 
     def _relink(self, session: Session, relink: pb.Relink) -> None:
@@ -251,12 +257,13 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         return forwarder
 
     # -- one step --------------------------------------------------------------------------------
-    async def _step(self, session: Session, step: pb.Step) -> None:
-        """Computes one step (in chunks when long) and sends each chunk on: to the next hop or the client."""
+    async def _step(self, session: Session, step: pb.Step, upstream: pb.Attestation | None = None) -> None:
+        """Computes one step (in chunks when long) and sends each chunk on: to the next hop or the client.
+        ``upstream``: the pusher's checked attestation of a pushed step, echoed in each result."""
         async with session.step_lock:
-            await self._step_locked(session, step)
+            await self._step_locked(session, step, upstream)
 
-    async def _step_locked(self, session: Session, message: pb.Step) -> None:
+    async def _step_locked(self, session: Session, message: pb.Step, upstream: pb.Attestation | None) -> None:
         self.sessions.account_input(session, len(message.hidden.data))
         step = Step.from_proto(message, self.limits, batch=session.batch_size, width=self.hidden_size,
                                max_length=session.max_length)
@@ -283,7 +290,7 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         )
         self.executor.submit(item)
         try:
-            await self._gather_chunks(session, step, chunks, rope_lengths)
+            await self._gather_chunks(session, step, chunks, rope_lengths, upstream)
         except TimeoutError as error:
             raise StepDeadlineError(
                 f"the step did not finish within this peer's step deadline ({self.config.step_timeout_s:g} s); "
@@ -293,7 +300,7 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         session.last_used = time.monotonic()
 
     async def _gather_chunks(self, session: Session, step: Step, chunks: asyncio.Queue[_Chunk],
-                             rope_lengths: torch.Tensor | None) -> None:
+                             rope_lengths: torch.Tensor | None, upstream: pb.Attestation | None) -> None:
         """Sends each computed chunk on as it comes, within the step deadline."""
         hidden = step.hidden.tensor
         whole_input_digest = step.hidden.digest
@@ -307,11 +314,12 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 one_chunk = chunk.positions == hidden.shape[1]
                 input_digest = whole_input_digest if one_chunk else tensor_digest(
                     encode(hidden[:, chunk.offset : chunk.offset + chunk.positions]))
-                await self._send_chunk(session, step, hidden.dtype, chunk, input_digest, rope_lengths)
+                await self._send_chunk(session, step, hidden.dtype, chunk, input_digest, rope_lengths, upstream)
                 done += chunk.positions
 
     async def _send_chunk(self, session: Session, step: Step, wire: torch.dtype, chunk: _Chunk,
-                          input_digest: bytes, rope_lengths: torch.Tensor | None) -> None:
+                          input_digest: bytes, rope_lengths: torch.Tensor | None,
+                          upstream: pb.Attestation | None) -> None:
         assert chunk.output is not None
         position = step.start_position + chunk.offset
         output = encode(chunk.output, wire)
@@ -324,11 +332,12 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         result = pb.StepResult(
             length=position + chunk.positions, step_id=step.step_id, compute_ms=chunk.compute_ms,
             peer_leaving=not self.sessions.accepting, start_position=position, positions=chunk.positions,
-            attestation=attestation, queue_ms=chunk.queue_ms,
+            attestation=attestation, queue_ms=chunk.queue_ms, upstream=upstream,
         )
         if session.forwarder is not None:
             # A chunk is not the whole call: its rope lengths say which call it is of.
             forwarded = Step.proto(output, position, step.step_id, step.step_positions or step.positions, chunk_lengths)
+            forwarded.pushed_by.CopyFrom(attestation)  # the next hop checks and echoes it (peer/pushes.py)
             try:
                 await session.forwarder.send(forwarded)
                 result.forwarded = True

@@ -71,18 +71,20 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., pad_lengths: _Optional[_Iterable[int]] = ..., open_timeout_s: _Optional[float] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., next: _Optional[_Union[NextHop, _Mapping]] = ..., upstream_peer_id: _Optional[str] = ..., keep_outputs: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "start_position", "step_id", "step_positions", "rope_lengths")
+    __slots__ = ("hidden", "start_position", "step_id", "step_positions", "rope_lengths", "pushed_by")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     ROPE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_BY_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     start_position: int
     step_id: int
     step_positions: int
     rope_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., step_id: _Optional[int] = ..., step_positions: _Optional[int] = ..., rope_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    pushed_by: Attestation
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., step_id: _Optional[int] = ..., step_positions: _Optional[int] = ..., rope_lengths: _Optional[_Iterable[int]] = ..., pushed_by: _Optional[_Union[Attestation, _Mapping]] = ...) -> None: ...
 
 class Attach(_message.Message):
     __slots__ = ("session_id", "token")
@@ -151,7 +153,7 @@ class Attestation(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., start_position: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., input_sha256: _Optional[bytes] = ..., output_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., rope_sha256: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "length", "step_id", "compute_ms", "peer_leaving", "start_position", "positions", "forwarded", "forward_error", "attestation", "queue_ms")
+    __slots__ = ("hidden", "length", "step_id", "compute_ms", "peer_leaving", "start_position", "positions", "forwarded", "forward_error", "attestation", "queue_ms", "upstream")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,7 @@ class StepResult(_message.Message):
     FORWARD_ERROR_FIELD_NUMBER: _ClassVar[int]
     ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     length: int
     step_id: int
@@ -174,7 +177,8 @@ class StepResult(_message.Message):
     forward_error: str
     attestation: Attestation
     queue_ms: float
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., peer_leaving: _Optional[bool] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    upstream: Attestation
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., peer_leaving: _Optional[bool] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ..., queue_ms: _Optional[float] = ..., upstream: _Optional[_Union[Attestation, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "result", "relinked")

@@ -220,6 +220,7 @@ class StepAnswer(FrozenModel):
     forward_error: str
     attestation: Any  # pb.Attestation
     hidden: Hidden | None = None  # the outputs, when the hop returned them
+    upstream: Any = None  # pb.Attestation: the pusher's, of the push this was computed from (checked by the peer)
 
     @classmethod
     def from_proto(cls, message: pb.StepResult, *, expected_start: int, remaining: int, batch: int, width: int,
@@ -239,7 +240,8 @@ class StepAnswer(FrozenModel):
         return cls(start_position=position, positions=positions, length=message.length, step_id=message.step_id,
                    compute_ms=float(message.compute_ms), queue_ms=float(message.queue_ms),
                    peer_leaving=message.peer_leaving, forwarded=message.forwarded,
-                   forward_error=message.forward_error[:1024], attestation=message.attestation, hidden=hidden)
+                   forward_error=message.forward_error[:1024], attestation=message.attestation, hidden=hidden,
+                   upstream=message.upstream if message.HasField("upstream") else None)
 
 
 def history_answer(message: pb.HistoryResponse, *, batch: int, width: int, positions: int,

@@ -20,6 +20,11 @@ checked on arrival). ``refuse-history:`` computes honestly but refuses every ``H
 hash of the input it received: a free identity that says its honest upstream neighbour pushed it
 other bytes than that neighbour signed for. ``no-push:`` computes and signs honestly and answers its
 steps "forwarded", but never pushes them: its honest next hop waits for inputs that never come.
+``push-other:S`` computes and signs honestly for its client, but pushes its next hop outputs with
+noise of ``S`` times their RMS, with a valid attestation of those other bytes (two signed outputs for
+one position); ``push-unsigned:S`` pushes the same noisy bytes with the honest attestation (which the
+next hop finds does not match them). Either way its honest next hop computes right from what it got,
+which is what a re-run from the pusher's signed outputs would call wrong.
 ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
@@ -106,7 +111,7 @@ def _refuse_every_step(status: str) -> None:
 
     error = {"invalid": InvalidRequestError, "range": SessionLengthError}[status]
 
-    async def refusing_step(self: PeerServicer, session, message) -> None:
+    async def refusing_step(self: PeerServicer, session, message, *rest) -> None:  # type: ignore[no-untyped-def]
         raise error("this peer says the request is wrong (it is not)")
 
     PeerServicer._step_locked = refusing_step  # type: ignore[method-assign]
@@ -180,6 +185,28 @@ def _never_push() -> None:
     Forwarder.send = silent_send  # type: ignore[method-assign]
 
 
+def _push_other_bytes(scale: float, resign: bool) -> None:
+    """Pushes noisy outputs to the next hop; ``resign``: with a valid attestation of the noisy bytes."""
+    from brigade.peer.forwarding import Forwarder
+    from brigade.protocol.attestation import attest, tensor_digest
+    from brigade.protocol.tensors import decode, encode
+
+    honest_send = Forwarder.send
+
+    async def noisy_send(self: Forwarder, step) -> None:  # type: ignore[no-untyped-def]
+        tensor = decode(step.hidden)
+        noisy = encode(tensor + torch.randn_like(tensor) * scale * tensor.pow(2).mean().sqrt(), tensor.dtype)
+        step.hidden.CopyFrom(noisy)
+        if resign:
+            att = step.pushed_by
+            step.pushed_by.CopyFrom(attest(self._identity, att.session_id, att.step_id, att.start_position,
+                                           (att.start_layer, att.end_layer), att.input_sha256, tensor_digest(noisy),
+                                           att.rope_sha256))
+        await honest_send(self, step)
+
+    Forwarder.send = noisy_send  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
         raise SystemExit("usage: brigade_evil_peer.py --cheat KIND:VALUE <brigade arguments> (see the docstring)")
@@ -206,9 +233,12 @@ def main(argv: list[str]) -> None:
         _frame_upstream()
     elif kind == "no-push":
         _never_push()
+    elif kind in ("push-other", "push-unsigned"):
+        _push_other_bytes(float(value), resign=kind == "push-other")
     else:
         raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S, rope:K, refuse:invalid|range, "
-                         "crash:, short-history:K, shift-attestation:K, refuse-history:, frame-upstream: or no-push:")
+                         "crash:, short-history:K, shift-attestation:K, refuse-history:, frame-upstream:, no-push:, "
+                         "push-other:S or push-unsigned:S")
     app(args=argv[2:], prog_name="brigade")
 
 

@@ -1,0 +1,55 @@
+"""A pushed handover checked on arrival: what the previous hop signed against what the next one vouches for.
+
+With forwarding, a hop's input never passes through the client: the previous hop pushes it and
+tells the client (in its own attestation) what it sent. Which bytes did the next hop get? It echoes
+the pusher's attestation of the push it received (``StepResult.upstream``, checked on that peer
+against the bytes: ``peer/pushes.py``). Comparing the two settles a handover without re-running
+anything and without taking either side's word:
+
+- the echo is the pusher's signature for the same session, step, position and layers, but over other
+  bytes than it told this client: the pusher signed two outputs for one position and is distrusted;
+- the echo covers exactly this result's positions and the next hop signed another input than it:
+  the next hop contradicts itself and is distrusted;
+- no echo, or one the pusher did not sign for this push: nothing is proven either way, and the pair is
+  unlinked (the client feeds the next hop itself; ``client/session.py`` ``_blame_pushed``).
+"""
+
+from __future__ import annotations
+
+from brigade.client.hops import HopFailure, HopStream
+from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.attestation import check_attestation
+from brigade.protocol.messages import StepAnswer
+
+# (first position, positions, attestation) of each result the previous hop answered for the step
+Pushed = list[tuple[int, int, pb.Attestation]]
+
+
+def check_handover(previous: HopStream, pushed: Pushed, stream: HopStream, answer: StepAnswer) -> None:
+    """Raises ``HopFailure`` (for the hop at fault when proven, else for ``stream``) unless the push that
+    ``answer`` was computed from is what ``previous`` signed for."""
+    echo = answer.upstream
+    position = answer.start_position
+    if echo is None:
+        raise HopFailure(stream.hop, f"it did not vouch for the push its result at position {position} was computed "
+                                     "from")
+    source = next((entry for entry in pushed if entry[0] <= position < entry[0] + entry[1]), None)
+    if source is None:
+        raise HopFailure(stream.hop, f"it answered position {position}, which its previous hop did not forward")
+    start, positions, signed = source
+    try:
+        valid = echo.peer_id == previous.hop.peer.peer_id and check_attestation(
+            echo, bytes.fromhex(previous.hop.peer.public_key))
+    except ValueError:
+        valid = False
+    same_push = (echo.session_id, echo.step_id, echo.start_position, echo.start_layer, echo.end_layer) == (
+        signed.session_id, signed.step_id, signed.start_position, signed.start_layer, signed.end_layer)
+    if not valid or not same_push:
+        raise HopFailure(stream.hop, f"it vouched for another push than its previous hop forwarded at {position}")
+    if (echo.input_sha256, echo.output_sha256, echo.rope_sha256) != (
+            signed.input_sha256, signed.output_sha256, signed.rope_sha256):
+        raise HopFailure(previous.hop, f"it signed two outputs for position {start}: one answered to this client, "
+                                       "another pushed to the next hop", lied=True)
+    if (position, answer.positions) == (start, positions) and answer.attestation.input_sha256 != echo.output_sha256:
+        raise HopFailure(stream.hop, f"it signed for another input at position {position} than the push it vouched "
+                                     "for", lied=True)

@@ -1,0 +1,43 @@
+"""What a receiving peer checks of a push's attestation before vouching for it to the client.
+
+A previous hop that forwards its output signs an attestation of the bytes (``Step.pushed_by``),
+the same one it answers its client with. The receiving peer echoes it in each result computed
+from the push (``StepResult.upstream``), but only after checking that it is the pusher's own valid
+signature over exactly the bytes received, at the position received, for the layers just before
+this session's. Then a handover can no longer be disputed by either side: a pusher that sends other
+bytes than it tells its client has signed two outputs for one position (the client distrusts it),
+and a receiver that signs another input than the push it echoes contradicts itself. A push whose
+attestation does not check out is still computed (the client's step is not lost), but unvouched:
+the client links around the pair and feeds the next hop itself (``client/handover.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from brigade.protocol import brigade_pb2 as pb
+from brigade.protocol.attestation import check_attestation, tensor_digest
+
+logger = logging.getLogger(__name__)
+
+
+def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int) -> pb.Attestation | None:
+    """``step.pushed_by`` when it is ``pusher``'s signature over exactly ``step``'s bytes; else None (logged)."""
+    if not step.HasField("pushed_by"):
+        problem = "carries no attestation"
+    else:
+        att = step.pushed_by
+        problem = ""
+        if att.peer_id != pusher:
+            problem = "carries an attestation of another peer"
+        elif att.start_position != step.start_position or att.end_layer != first_layer:
+            problem = "carries an attestation for other positions or layers"
+        elif att.output_sha256 != tensor_digest(step.hidden):
+            problem = "carries an attestation of other bytes"
+        elif not check_attestation(att, pusher_key):
+            problem = "carries an attestation that is not validly signed"
+        if not problem:
+            return att
+    logger.info("a push from %s at position %d %s: computed, but not vouched for", pusher[:64], step.start_position,
+                problem)
+    return None
