@@ -34,6 +34,8 @@ def check_on_arrival(stream: HopStream, answer: StepAnswer) -> None:
         wrong.append(f"session {att.session_id!r}")
     if (att.start_layer, att.end_layer) != (hop.start, hop.end):
         wrong.append(f"layers {att.start_layer}:{att.end_layer}")
+    if att.step_id != answer.step_id:
+        wrong.append(f"step {att.step_id} for a result of step {answer.step_id}")
     if att.start_position != answer.start_position:
         wrong.append(f"position {att.start_position} for a result at {answer.start_position}")
     if answer.hidden is not None and att.output_sha256 != answer.hidden.digest:

@@ -40,8 +40,8 @@ from brigade.routing.route import Hop
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-# Replay messages one hop may have unanswered at once: well under a peer's per-client queue bound
-# (``PeerConfig.max_queued_work_per_client``, 128), enough to keep its compute thread busy.
+# Replay messages one hop may have unanswered at once: enough to keep its compute thread busy, few
+# enough that a long batch-invariant replay (one message per decode step) is not all buffered at once.
 REPLAY_WINDOW = 16
 
 logger = logging.getLogger(__name__)
@@ -331,7 +331,8 @@ class RouteRepair:
         One step in messages under the cap, cut where the original steps began (``client/chunks.py``),
         so that a replay of any length is accepted and a prefill's cache is rebuilt as it was computed.
         At most ``REPLAY_WINDOW`` messages are unanswered at a time: a batch-invariant replay sends one
-        message per original decode step, more than a peer queues for one client.
+        message per original decode step, thousands on a long session, and what is sent ahead waits in
+        gRPC buffers and the peer's stream (which takes one step of a session at a time).
         """
         self._step_id += 1
         step_id = self._step_id
@@ -349,8 +350,9 @@ class RouteRepair:
                     encode(replay[:, start:end], self._wire_dtype), start, step_id, length,
                     self.rope_lengths_for(start, end))))
                 unanswered.append(end)
+            sent_end = unanswered[-1] if unanswered else length
             result = self._answer(stream, await self._result(stream, step_id, self.config.step_timeout_s), covered,
-                                  length - covered)
+                                  sent_end - covered)  # never positions it was not sent yet
             if result.hidden is None:
                 raise HopFailure(stream.hop, "a replay answered without its outputs")
             check_on_arrival(stream, result)

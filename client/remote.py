@@ -42,6 +42,7 @@ class RemoteSwarm:
         self._dht: Any = None
         self._records: list[PeerRecord] = []
         self._records_at = float("-inf")
+        self._not_invariant = 0  # peers of the last read left out only for not being batch-invariant
         self._channels = ChannelCache(MAX_CHANNELS)  # keyed by the whole dial: a copied address+pin poisons nothing
         self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
         self.latency = LatencyBook()  # what this client measured of each peer (round trips, compute speed)
@@ -59,6 +60,9 @@ class RemoteSwarm:
         if time.monotonic() - self._records_at > max_age_s:
             fetched = await fetch_records(self._dht, self.model_name, peer_filter=self.config.peer_filter)
             self._records = [record for record in fetched if self._usable(record)]
+            # Peers left out only for not being batch-invariant: named in a coverage error, or it would mislead.
+            self._not_invariant = sum(1 for record in fetched if self.config.batch_invariant
+                                      and not record.batch_invariant and self._usable(record, invariance=False))
             self._records_at = time.monotonic()
         return self._records
 
@@ -99,11 +103,14 @@ class RemoteSwarm:
                 return route
             except MissingLayersError as error:
                 if time.monotonic() >= deadline:
-                    raise MissingLayersError(self.model_name, error.missing) from None
+                    hint = (f" in batch-invariant mode ({self._not_invariant} peers serve this model without "
+                            "--batch-invariant; batch_invariant=True uses only peers started with it)"
+                            if self._not_invariant else "")
+                    raise MissingLayersError(self.model_name, error.missing, hint) from None
             max_age_s = 0.0  # coverage was missing: read the DHT afresh each time
             await asyncio.sleep(0.25)
 
-    def _usable(self, record: PeerRecord) -> bool:
+    def _usable(self, record: PeerRecord, invariance: bool = True) -> bool:
         """Records this client may route through: its model shape, quantizations, batch invariance, security.
 
         The allowlist and blocklist were applied when the records were read (``fetch_records``)."""
@@ -112,7 +119,7 @@ class RemoteSwarm:
             return False
         if config.quantizations is not None and record.quantization not in config.quantizations:
             return False
-        if config.batch_invariant and not record.batch_invariant:
+        if invariance and config.batch_invariant and not record.batch_invariant:
             return False  # its results depend on other sessions' load: a replay there would not be exact
         if record.reachable is False and not record.relay_peer_id:
             return False  # cannot accept connections and has no relay (yet): nobody can reach it

@@ -268,6 +268,7 @@ class SpanExecutor:
         for (item, positions), output in zip(plan, outputs, strict=True):
             offset = item.done
             item.done += positions
+            item.turn_at = time.perf_counter()  # batch-invariant mode: the rest of it waits its turn
             if item.on_chunk is not None:
                 try:
                     item.on_chunk(item, output, offset, positions, compute_ms)

@@ -17,6 +17,7 @@ import logging
 
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import check_attestation, tensor_digest
+from brigade.protocol.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int
         problem = ""
         if att.peer_id != pusher:
             problem = "carries an attestation of another peer"
-        elif att.start_position != step.start_position or att.end_layer != first_layer:
-            problem = "carries an attestation for other positions or layers"
+        elif (att.start_position, att.step_id, att.end_layer) != (step.start_position, step.step_id, first_layer):
+            problem = "carries an attestation for another step, other positions or layers"
         elif att.output_sha256 != tensor_digest(step.hidden):
             problem = "carries an attestation of other bytes"
         elif not check_attestation(att, pusher_key):
@@ -41,3 +42,20 @@ def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int
     logger.info("a push from %s at position %d %s: computed, but not vouched for", pusher[:64], step.start_position,
                 problem)
     return None
+
+
+def check_continues(last: tuple[int, int] | None, step: pb.Step, positions: int) -> tuple[int, int]:
+    """The (step id, end) a push leaves, if it continues the last one's step or starts a newer step.
+
+    An honest previous hop pushes each step once, in order: its chunks contiguous, a retry or a new
+    step under a larger step id (a client's ids only grow). A push that repeats or rewinds positions
+    of a step already taken would make this peer compute and sign one (step, position) twice, or
+    quietly rewrite its cache under a result the client never reads: refused (InvalidRequestError,
+    which the client takes as this pair's failure and links around).
+    """
+    if last is not None:
+        last_step, last_end = last
+        if step.step_id < last_step or (step.step_id == last_step and step.start_position != last_end):
+            raise InvalidRequestError(f"a push must continue step {last_step} at position {last_end} or start a "
+                                      f"newer step, not step {step.step_id} at {step.start_position}")
+    return step.step_id, step.start_position + positions

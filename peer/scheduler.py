@@ -41,6 +41,7 @@ class WorkItem:
     cancelled: bool = False  # set on the event loop when nobody waits for it any more (deadline, call cancelled)
     enqueued_at: float = field(default_factory=time.perf_counter)
     done: int = 0  # positions computed so far
+    turn_at: float = 0.0  # batch-invariant mode: when its last chunk ran (0: not yet; its turn is its arrival)
     started_at: float | None = None  # when its first chunk began
 
     @property
@@ -70,9 +71,9 @@ class WorkItem:
 def plan_batch(ready: list[WorkItem], max_tokens: int, invariant: bool = False) -> list[tuple[WorkItem, int]]:
     """The items the next pass computes and how many of each one's positions, oldest first.
 
-    ``invariant`` (batch-invariant mode): the oldest item alone, in chunks of ``INVARIANT_CHUNK_TOKENS``
-    counted from its start. A row's floats then depend only on its own step, never on who else was
-    queued: a CPU or GPU matmul rounds a row differently with another number of rows beside it.
+    ``invariant`` (batch-invariant mode): one item alone (``_invariant_pick``). A row's floats then
+    depend only on its own step, never on who else was queued: a CPU or GPU matmul rounds a row
+    differently with another number of rows beside it.
 
     All items of a pass share one layer range (that of the oldest ready item). Decode steps come
     first, then chunks of prefills, within ``max_tokens`` (batch x positions) in all; the oldest
@@ -82,8 +83,7 @@ def plan_batch(ready: list[WorkItem], max_tokens: int, invariant: bool = False) 
     if not ready:
         return []
     if invariant:
-        oldest = min(ready, key=lambda item: item.enqueued_at)
-        return [(oldest, min(oldest.remaining, INVARIANT_CHUNK_TOKENS))]
+        return [_invariant_pick(ready)]
     ordered = sorted(ready, key=lambda item: item.enqueued_at)
     layers = ordered[0].layers
     seen: set[object] = set()
@@ -114,3 +114,21 @@ def plan_batch(ready: list[WorkItem], max_tokens: int, invariant: bool = False) 
         plan.append((item, positions))
         budget -= batch * positions
     return plan
+
+
+def _invariant_pick(ready: list[WorkItem]) -> tuple[WorkItem, int]:
+    """Batch-invariant mode's next pass: one item, and how many of its positions.
+
+    A session step goes in chunks of ``INVARIANT_CHUNK_TOKENS`` from its start (the same on every
+    peer, so a replay elsewhere repeats them); a stateless pass (``Forward``, no cache to continue)
+    goes whole, as its answer must. Among each session's oldest item, the one whose turn is oldest
+    runs: a prefill goes to the back after each chunk (``turn_at``), so decode steps queued behind a
+    long prompt wait one chunk, not the whole prompt. Which item runs never changes its bits.
+    """
+    firsts: dict[object, WorkItem] = {}
+    for item in sorted(ready, key=lambda item: item.enqueued_at):
+        firsts.setdefault(item.key, item)
+    chosen = min(firsts.values(), key=lambda item: item.turn_at or item.enqueued_at)
+    if chosen.session is None:
+        return chosen, chosen.remaining
+    return chosen, min(chosen.remaining, INVARIANT_CHUNK_TOKENS)

@@ -34,7 +34,7 @@ from brigade.peer.forwarding import ForwardChannels, Forwarder, ForwardError
 from brigade.peer.limits import StepDeadlineError
 from brigade.peer.outbox import post as _post
 from brigade.peer.outbox import send as _send
-from brigade.peer.pushes import vouched_push
+from brigade.peer.pushes import check_continues, vouched_push
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.peer.unary import UnaryRpcs, refuse
@@ -230,6 +230,8 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 raise PermissionDeniedError(f"{pusher} is no longer the previous hop of this session")
             upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0])
             try:
+                shape = request.step.hidden.shape
+                session.last_push = check_continues(session.last_push, request.step, shape[1] if len(shape) == 3 else 0)
                 await self._step(session, request.step, upstream)
             except BrigadeError as error:
                 _post(session, error)  # the client learns on its own stream, and this push stream ends
@@ -333,6 +335,7 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
             length=position + chunk.positions, step_id=step.step_id, compute_ms=chunk.compute_ms,
             peer_leaving=not self.sessions.accepting, start_position=position, positions=chunk.positions,
             attestation=attestation, queue_ms=chunk.queue_ms, upstream=upstream,
+            upstream_positions=step.positions if upstream is not None else 0,
         )
         if session.forwarder is not None:
             # A chunk is not the whole call: its rope lengths say which call it is of.

@@ -51,6 +51,7 @@ class Session:
     paid_capacity: int  # positions the cache may grow to: paid for, so the compute thread may grow it
     owner: str = ""  # client identity that opened it ("" in --insecure swarms)
     upstream_peer_id: str = ""  # the previous hop, allowed to push steps in (forwarding)
+    last_push: tuple[int, int] | None = None  # (step id, end position) of the last push taken (peer/pushes.py)
     next: NextHop | None = None  # where outputs go instead of back to the client
     outputs: OutputHistory | None = None  # kept outputs (keep_outputs)
     max_bytes: int = 0  # input bytes this session may send in all

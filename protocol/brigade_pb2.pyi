@@ -153,7 +153,7 @@ class Attestation(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., start_position: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., input_sha256: _Optional[bytes] = ..., output_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., rope_sha256: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "length", "step_id", "compute_ms", "peer_leaving", "start_position", "positions", "forwarded", "forward_error", "attestation", "queue_ms", "upstream")
+    __slots__ = ("hidden", "length", "step_id", "compute_ms", "peer_leaving", "start_position", "positions", "forwarded", "forward_error", "attestation", "queue_ms", "upstream", "upstream_positions")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class StepResult(_message.Message):
     ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     length: int
     step_id: int
@@ -178,7 +179,8 @@ class StepResult(_message.Message):
     attestation: Attestation
     queue_ms: float
     upstream: Attestation
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., peer_leaving: _Optional[bool] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ..., queue_ms: _Optional[float] = ..., upstream: _Optional[_Union[Attestation, _Mapping]] = ...) -> None: ...
+    upstream_positions: int
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., peer_leaving: _Optional[bool] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ..., queue_ms: _Optional[float] = ..., upstream: _Optional[_Union[Attestation, _Mapping]] = ..., upstream_positions: _Optional[int] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "result", "relinked")

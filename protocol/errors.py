@@ -97,11 +97,11 @@ class QuotaExceededError(CacheFullError):
 class MissingLayersError(Exception):
     """No live peer serves some layers of the model; raised on the client side."""
 
-    def __init__(self, model_name: str, missing: list[tuple[int, int]]):
+    def __init__(self, model_name: str, missing: list[tuple[int, int]], hint: str = ""):
         self.model_name = model_name
         self.missing = missing
         spans = ", ".join(f"{start}:{end}" for start, end in missing)
-        super().__init__(f"no live peer of model {model_name!r} serves layers {spans}")
+        super().__init__(f"no live peer of model {model_name!r} serves layers {spans}{hint}")
 
 
 _BY_STATUS = {

@@ -221,6 +221,7 @@ class StepAnswer(FrozenModel):
     attestation: Any  # pb.Attestation
     hidden: Hidden | None = None  # the outputs, when the hop returned them
     upstream: Any = None  # pb.Attestation: the pusher's, of the push this was computed from (checked by the peer)
+    upstream_positions: int = 0  # positions of that push (this answer may cover a chunk of it)
 
     @classmethod
     def from_proto(cls, message: pb.StepResult, *, expected_start: int, remaining: int, batch: int, width: int,
@@ -241,7 +242,8 @@ class StepAnswer(FrozenModel):
                    compute_ms=float(message.compute_ms), queue_ms=float(message.queue_ms),
                    peer_leaving=message.peer_leaving, forwarded=message.forwarded,
                    forward_error=message.forward_error[:1024], attestation=message.attestation, hidden=hidden,
-                   upstream=message.upstream if message.HasField("upstream") else None)
+                   upstream=message.upstream if message.HasField("upstream") else None,
+                   upstream_positions=message.upstream_positions)
 
 
 def history_answer(message: pb.HistoryResponse, *, batch: int, width: int, positions: int,

@@ -103,3 +103,15 @@ def test_a_short_history_during_failover_rebuilds_that_peer_too(
             assert _id(liar) in failed, model.last_events
             survivor = next(peer_id for peer_id in tails if tails[peer_id].alive())
             assert survivor not in model.bans.banned(), "the honest replacement was not blamed for the short History"
+
+
+def test_a_batch_invariant_client_on_ordinary_peers_is_told_why_none_serve(
+    faulty_swarm: tuple[LocalSwarm, list], checkpoint: Path
+) -> None:
+    from brigade.protocol.errors import MissingLayersError
+
+    swarm, _ = faulty_swarm
+    with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers, batch_invariant=True,
+                                                     route_wait_s=1.0) as model:
+        with pytest.raises(MissingLayersError, match="without --batch-invariant"):
+            model.generate(_prompt(3), max_new_tokens=2)

@@ -12,6 +12,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from brigade.client.chunks import replay_pieces
@@ -49,7 +50,8 @@ def test_a_matmul_row_depends_on_the_rows_beside_it() -> None:
     with torch.no_grad():
         together = layer(rows)
         differs = [m for m in (1, 2, 3, 4, 5, 8) if not torch.equal(layer(rows[:m]), together[:m])]
-    assert differs, "row results did not depend on the batch here; the mode still holds, the premise is moot"
+    if not differs:
+        pytest.skip("this machine's matmul happens to be row-invariant: the mode holds, its premise is moot here")
 
 
 def _named(plan: list[tuple[WorkItem, int]], names: dict[int, str]) -> list[tuple[str, int]]:
@@ -93,6 +95,24 @@ def test_the_executor_computes_one_step_per_pass_only_in_batch_invariant_mode() 
     assert _passes(invariant=True) == [[1], [1], [1], [512], [88]]
     default = _passes(invariant=False)
     assert [1, 1, 128] in default  # two decode steps and a prefill chunk of three sessions in one pass
+
+
+def test_a_long_prefill_does_not_starve_decode_steps_and_a_stateless_pass_goes_whole() -> None:
+    prefill, first_decode, second_decode = _item(4096, _session()), _item(1, _session()), _item(1, _session())
+    prefill.enqueued_at, first_decode.enqueued_at, second_decode.enqueued_at = 1.0, 2.0, 3.0
+    names = {id(prefill): "prefill", id(first_decode): "first", id(second_decode): "second"}
+    order = []
+    ready = [prefill, first_decode, second_decode]
+    for turn in range(4):
+        (item, positions), = plan_batch(ready, 2048, invariant=True)
+        order.append((names[id(item)], positions))
+        item.done += positions
+        item.turn_at = 10.0 + turn  # what the executor records after each pass
+        ready = [entry for entry in ready if entry.remaining > 0]
+    assert order == [("prefill", 512), ("first", 1), ("second", 1), ("prefill", 512)]
+    stateless = _item(600)  # a Forward: no session, no cache to continue, its answer is the whole pass
+    (item, positions), = plan_batch([stateless], 2048, invariant=True)
+    assert item is stateless and positions == 600
 
 
 def test_batch_invariant_replays_send_every_original_step_alone() -> None:
