@@ -166,17 +166,6 @@ def test_batch_invariant_replay_rebuilds_the_lost_cache_bit_for_bit(chaos, refer
             sorted(alone, key=lambda steps: steps[0].shape[1]), together, strict=True))
 
 
-def test_a_stateless_forward_longer_than_a_chunk_through_batch_invariant_peers(chaos, reference) -> None:
-    """Batch-invariant peers cut session steps into 512-position chunks, never a ``Forward``: its answer is whole."""
-    _, model = chaos
-    model.bans = type(model.bans)(model.client_config.ban_base_s, model.client_config.ban_max_s)  # earlier kills
-    ids = torch.randint(0, 512, (1, 700), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        want = reference(ids).logits
-    torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
-    assert not model.bans.banned(), "an honest peer was blamed for its answer"
-
-
 def test_hung_peer_sigstop(chaos, reference) -> None:
     swarm, model = chaos
     rng = random.Random(2)

@@ -115,6 +115,21 @@ def test_a_long_prefill_does_not_starve_decode_steps_and_a_stateless_pass_goes_w
     assert item is stateless and positions == 600
 
 
+def test_a_stateless_pass_longer_than_a_chunk_runs_whole_on_a_batch_invariant_executor() -> None:
+    span = _RecordingSpan()
+    span.gate.set()
+    executor = SpanExecutor(span, torch.float32, "cpu", batch_invariant=True)  # type: ignore[arg-type]
+    try:
+        forward = _item(600)  # a Forward: no session; its answer must be all 600 positions at once
+        executor.submit(forward)
+        deadline = time.monotonic() + 5
+        while executor.queued and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert span.passes == [[600]]
+    finally:
+        executor.close()
+
+
 def test_batch_invariant_replays_send_every_original_step_alone() -> None:
     starts = [0, 7, 8, 9, 10, 13, 14]  # a 7-position prompt, 3 decode steps, a 3-token draft, a decode step
     assert replay_pieces(starts, 15, 100) == [(0, 7), (7, 10), (10, 13), (13, 15)]
