@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_FLAGS ?= -q
+# Never the working folder on sys.path (`python -m` would put it there): this checkout's top-level
+# folders (kernels/, ...) would shadow installed packages of those names (Hugging Face's `kernels`).
+export PYTHONSAFEPATH = 1
 
 .PHONY: setup demo test lint bench clean browser debian
 

@@ -44,7 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see brigade/cli.py: peers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import torch
-from brigade_soak import DRAIN_EXIT_S, SoakSwarm, Usage, peer_usage, proc_usage, wait_until
+from brigade_soak import DRAIN_EXIT_S, SoakSwarm, Usage, dump_stuck, peer_usage, proc_usage, wait_until
 from brigade_testkit import FAST_PEER_ARGS, assert_tokens_vary, build_model
 
 from brigade.client import DistributedModelForCausalLM
@@ -277,6 +277,8 @@ def main() -> int:
             for thread in clients:
                 thread.join(300)
             stuck = [thread.name for thread in clients if thread.is_alive()]
+            if stuck:
+                dump_stuck([thread for thread in clients if thread.is_alive()], models)
             for model in models:
                 model.close()
             models = []

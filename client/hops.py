@@ -40,6 +40,8 @@ from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
 
+SEND_TIMEOUT_FLOOR_S = 10.0  # a write to a hop may wait this long for room, plus its bytes at the slowest uplink
+SLOWEST_UPLINK_BYTES_S = 256 * 1024  # the slowest uplink given time (as History read-backs are)
 MAX_QUEUED_ANSWERS = 1024  # answers of one hop waiting to be taken: far more than any step's chunks
 
 
@@ -276,8 +278,14 @@ class HopStream:
         self._answers.put_nowait(ended)
 
     async def send(self, request: pb.InferenceRequest) -> None:
+        """Writes ``request`` within a deadline that grows with its bytes: a peer that takes no data (hung,
+        frozen, its flow-control window full) is this hop's failure, never a wait without end."""
+        timeout_s = SEND_TIMEOUT_FLOOR_S + request.ByteSize() / SLOWEST_UPLINK_BYTES_S
         try:
-            await self.call.write(request)
+            async with asyncio.timeout(timeout_s):
+                await self.call.write(request)
+        except TimeoutError as error:
+            raise HopFailure(self.hop, f"took no data for {timeout_s:.1f} s") from error
         except BaseException as error:
             failure = classify(self.hop, error)
             if failure is error:

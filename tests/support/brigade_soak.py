@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -175,3 +176,23 @@ def wait_until(deadline: float, shutdown: threading.Event | None = None) -> bool
         time.sleep(max(0.0, remaining))
         return True
     return not shutdown.wait(max(0.0, remaining))
+
+
+def dump_stuck(threads: list, models: list) -> None:
+    """Prints where each stuck client thread waits and every pending task of its client's event loop:
+    a generation that outlives the run names the wait that is not bounded."""
+    import asyncio
+    import traceback
+
+    frames = sys._current_frames()
+    for thread in threads:
+        frame = frames.get(thread.ident)
+        print(f"--- stuck thread {thread.name}:", flush=True)
+        if frame is not None:
+            print("".join(traceback.format_stack(frame)), flush=True)
+    for index, model in enumerate(models):
+        loop = model._loop.loop
+        for task in asyncio.all_tasks(loop):
+            print(f"--- client {index} task {task.get_name()}:", flush=True)
+            for frame in task.get_stack(limit=12):
+                print("".join(traceback.format_stack(frame, limit=1)), end="", flush=True)
