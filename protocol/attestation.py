@@ -9,6 +9,7 @@ re-check shows to be wrong is bound to the peer that signed it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -17,6 +18,10 @@ from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.identity import Identity, peer_id_of, verify
 
 _DOMAIN = b"brigade-attestation/1"
+# Signature verdicts remembered, by (key, signature, signed bytes): an attestation checked on arrival
+# is checked again wherever it is used as evidence later (a handover's echo, a result check's chain,
+# a re-run), and Ed25519 verification is deterministic, so the second check is a lookup.
+VERDICT_CACHE_SIZE = 4096
 
 
 def tensor_digest(tensor: pb.Tensor) -> bytes:
@@ -59,4 +64,11 @@ def attest(identity: Identity, session_id: str, step_id: int, start_position: in
 
 def check_attestation(att: pb.Attestation, public_key: bytes) -> bool:
     """True when ``att`` is signed by ``public_key`` and names that key's peer id."""
-    return peer_id_of(public_key) == att.peer_id and verify(public_key, att.signature, _signed_bytes(att))
+    if peer_id_of(public_key) != att.peer_id:
+        return False
+    if type(public_key) is bytes:  # hashable: the verdict is remembered
+        return _remembered_verdict(public_key, att.signature, _signed_bytes(att))
+    return verify(public_key, att.signature, _signed_bytes(att))
+
+
+_remembered_verdict = functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)(verify)

@@ -6,6 +6,7 @@ anyone who does not hold it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -17,11 +18,32 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 PEER_ID_PREFIX = "bp"
 MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM Ed25519 key is 119 bytes; never read a huge file whole
+# Public keys whose peer id and parsed form are remembered. Every attestation a client checks on
+# arrival (and every push, token and record a peer checks) comes from one of a few keys: deriving the
+# id (SHA-256, then base58 in pure Python) and parsing the key each time was a third of a check.
+KEY_CACHE_SIZE = 4096
 
 
 def peer_id_of(public_key: bytes) -> str:
     """A short printable id: the first 16 bytes of the key's SHA-256 in base58."""
+    if type(public_key) is bytes:  # exactly bytes are remembered; other bytes-likes behave as they always did
+        return _remembered_peer_id(public_key)
+    return _derive_peer_id(public_key)
+
+
+def _derive_peer_id(public_key: bytes) -> str:
     return PEER_ID_PREFIX + base58.b58encode(hashlib.sha256(public_key).digest()[:16]).decode()
+
+
+def _public_key(public_key: bytes) -> Ed25519PublicKey:
+    """The parsed key; bytes that are not one raise ValueError (never remembered: refused every time)."""
+    if type(public_key) is bytes:
+        return _remembered_key(public_key)
+    return Ed25519PublicKey.from_public_bytes(public_key)
+
+
+_remembered_peer_id = functools.lru_cache(maxsize=KEY_CACHE_SIZE)(_derive_peer_id)
+_remembered_key = functools.lru_cache(maxsize=KEY_CACHE_SIZE)(Ed25519PublicKey.from_public_bytes)
 
 
 class Identity:
@@ -77,7 +99,7 @@ class Identity:
 def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """True when ``signature`` is ``public_key``'s signature of ``message``; never raises."""
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        _public_key(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True
