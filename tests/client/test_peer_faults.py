@@ -112,6 +112,6 @@ def test_a_batch_invariant_client_on_ordinary_peers_is_told_why_none_serve(
 
     swarm, _ = faulty_swarm
     with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers, batch_invariant=True,
-                                                     route_wait_s=1.0) as model:
+                                                     route_wait_s=1.0, retry_budget_s=1.0) as model:
         with pytest.raises(MissingLayersError, match="without --batch-invariant"):
             model.generate(_prompt(3), max_new_tokens=2)
