@@ -22,8 +22,11 @@ from brigade.protocol.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 
-def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int) -> pb.Attestation | None:
-    """``step.pushed_by`` when it is ``pusher``'s signature over exactly ``step``'s bytes; else None (logged)."""
+def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int,
+                 digest: bytes | None = None) -> pb.Attestation | None:
+    """``step.pushed_by`` when it is ``pusher``'s signature over exactly ``step``'s bytes; else None (logged).
+
+    ``digest``: ``tensor_digest(step.hidden)`` when the caller already has it (the step then reuses it)."""
     if not step.HasField("pushed_by"):
         problem = "carries no attestation"
     else:
@@ -33,7 +36,7 @@ def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int
             problem = "carries an attestation of another peer"
         elif (att.start_position, att.step_id, att.end_layer) != (step.start_position, step.step_id, first_layer):
             problem = "carries an attestation for another step, other positions or layers"
-        elif att.output_sha256 != tensor_digest(step.hidden):
+        elif att.output_sha256 != (tensor_digest(step.hidden) if digest is None else digest):
             problem = "carries an attestation of other bytes"
         elif not check_attestation(att, pusher_key):
             problem = "carries an attestation that is not validly signed"

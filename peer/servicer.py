@@ -228,11 +228,12 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 raise InvalidRequestError("a push stream carries only steps of its own session")
             if pusher != session.upstream_peer_id:
                 raise PermissionDeniedError(f"{pusher} is no longer the previous hop of this session")
-            upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0])
+            digest = tensor_digest(request.step.hidden)  # once: for the vouching and for the step's own digest
+            upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0], digest)
             try:
                 shape = request.step.hidden.shape
                 session.last_push = check_continues(session.last_push, request.step, shape[1] if len(shape) == 3 else 0)
-                await self._step(session, request.step, upstream)
+                await self._step(session, request.step, upstream, digest)
             except BrigadeError as error:
                 _post(session, error)  # the client learns on its own stream, and this push stream ends
                 raise
@@ -259,16 +260,19 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         return forwarder
 
     # -- one step --------------------------------------------------------------------------------
-    async def _step(self, session: Session, step: pb.Step, upstream: pb.Attestation | None = None) -> None:
+    async def _step(self, session: Session, step: pb.Step, upstream: pb.Attestation | None = None,
+                    digest: bytes | None = None) -> None:
         """Computes one step (in chunks when long) and sends each chunk on: to the next hop or the client.
-        ``upstream``: the pusher's checked attestation of a pushed step, echoed in each result."""
+        ``upstream``: the pusher's checked attestation of a pushed step, echoed in each result;
+        ``digest``: the step's tensor digest when the push path already computed it."""
         async with session.step_lock:
-            await self._step_locked(session, step, upstream)
+            await self._step_locked(session, step, upstream, digest)
 
-    async def _step_locked(self, session: Session, message: pb.Step, upstream: pb.Attestation | None) -> None:
+    async def _step_locked(self, session: Session, message: pb.Step, upstream: pb.Attestation | None,
+                           digest: bytes | None) -> None:
         self.sessions.account_input(session, len(message.hidden.data))
         step = Step.from_proto(message, self.limits, batch=session.batch_size, width=self.hidden_size,
-                               max_length=session.max_length)
+                               max_length=session.max_length, digest=digest)
         hidden = step.hidden.tensor
         start = step.start_position
         rope_lengths = self.sessions.rope_lengths(session, step)

@@ -45,14 +45,16 @@ class Hidden(FrozenModel):
 
     @classmethod
     def from_proto(cls, message: pb.Tensor, limits: TensorLimits, *, batch: int, width: int,
-                   error: type[BrigadeError] = InvalidTensorError) -> Hidden:
-        """Decodes (within ``limits``) and checks the shape: ``[batch, positions > 0, width]``."""
+                   error: type[BrigadeError] = InvalidTensorError, digest: bytes | None = None) -> Hidden:
+        """Decodes (within ``limits``) and checks the shape: ``[batch, positions > 0, width]``.
+
+        ``digest``: ``tensor_digest(message)`` when the caller already hashed it (a push is hashed once)."""
         try:
             tensor = decode(message, limits)
         except InvalidTensorError as e:
             raise error(str(e)) from e
         check_hidden(tensor, batch, width, error)
-        return cls(tensor=tensor, digest=tensor_digest(message))
+        return cls(tensor=tensor, digest=tensor_digest(message) if digest is None else digest)
 
     @classmethod
     def of(cls, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[Hidden, pb.Tensor]:
@@ -182,9 +184,10 @@ class Step(FrozenModel):
         return self.hidden.tensor.shape[1]
 
     @classmethod
-    def from_proto(cls, message: pb.Step, limits: TensorLimits, *, batch: int, width: int, max_length: int) -> Step:
+    def from_proto(cls, message: pb.Step, limits: TensorLimits, *, batch: int, width: int, max_length: int,
+                   digest: bytes | None = None) -> Step:
         """Everything a peer checks of a step before it spends anything on it."""
-        hidden = Hidden.from_proto(message.hidden, limits, batch=batch, width=width)
+        hidden = Hidden.from_proto(message.hidden, limits, batch=batch, width=width, digest=digest)
         positions = hidden.tensor.shape[1]
         if message.start_position + positions > max_length:
             raise SessionLengthError(f"step would reach position {message.start_position + positions}, past the "

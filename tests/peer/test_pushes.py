@@ -45,6 +45,7 @@ def test_a_push_is_vouched_for_only_with_its_pushers_signature_over_exactly_its_
     assert vouched_push(forged, pusher.peer_id, key, 3) is None
     bare = pb.Step(hidden=encode(torch.ones(1, 2, 4)), start_position=10, step_id=5)
     assert vouched_push(bare, pusher.peer_id, key, 3) is None
+    assert vouched_push(_push(pusher), pusher.peer_id, key, 3, digest=bytes(32)) is None  # a digest handed in counts
 
 
 def test_pushes_continue_their_step_or_start_a_newer_one() -> None:
