@@ -35,6 +35,7 @@ from brigade.protocol.errors import BrigadeError, from_status
 from brigade.protocol.errors import PeerLeavingError as _PeerLeaving
 from brigade.protocol.messages import history_answer
 from brigade.protocol.tensors import WIRE_DTYPES
+from brigade.protocol.tickets import new_push_key
 from brigade.protocol.tokens import make_token
 from brigade.routing.route import Hop
 
@@ -175,6 +176,7 @@ class HopStream:
     max_length: int = 0  # the session's most positions (bounds what may be asked for at once)
     asked_positions: int = 0  # positions asked for (``ask``) whose results were not taken yet
     ended: bool = False  # the reader saw the stream end (or ended it)
+    push_key: bytes = b""  # set: the peer takes pushes only with this client's tickets (protocol/tickets.py)
 
     @property
     def _limits(self) -> tuple[int, int]:
@@ -210,12 +212,13 @@ class HopStream:
     ) -> HopStream:
         config = swarm.config
         session_id = session_id or new_session_id()
+        push_key = new_push_key() if hop.peer.push_tickets else b""
         call = swarm.stub(hop.peer).Inference()
         opened = pb.OpenSession(
             session_id=session_id, start_layer=hop.start, end_layer=hop.end, batch_size=batch_size,
             max_length=max_length, pad_lengths=pad_lengths, open_timeout_s=config.cache_wait_s,
             token=make_token(swarm.identity, hop.peer.peer_id, "open", session_id.encode()),
-            upstream_peer_id=upstream_peer_id, keep_outputs=keep_outputs,
+            upstream_peer_id=upstream_peer_id, keep_outputs=keep_outputs, push_key=push_key,
         )
         if next_hop is not None:
             opened.next.CopyFrom(next_hop)
@@ -235,7 +238,8 @@ class HopStream:
             raise failure from error
         stream = cls(hop=hop, session_id=session_id, call=call, swarm=swarm, batch_size=batch_size,
                      max_length=max_length, forwards=next_hop is not None,
-                     receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id)
+                     receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id,
+                     push_key=push_key)
         stream.inputs.complete = not upstream_peer_id  # pushed inputs are the previous peer's, not logged here
         stream._reader = asyncio.create_task(stream._read_answers(), name=f"hop-{session_id}")
         return stream

@@ -226,6 +226,12 @@ class RouteRepair:
                    receiver.relink(receiver.session_next, "", receiver_timeout_s or timeout))
         self.events.append(FailoverEvent("unlink", sender.peer_id, (sender.hop.start, sender.hop.end), reason, 0.0))
 
+    def _can_forward(self, sender: Any, receiver: Any) -> bool:
+        """Whether peer ``sender`` may push into ``receiver`` (records): not a pair that failed to, and not
+        a receiver that needs tickets from a sender too old to pass them on (it would refuse every push)."""
+        return ((sender.peer_id, receiver.peer_id) not in self.unforwardable
+                and (sender.push_tickets or not receiver.push_tickets))
+
     async def _link(self, streams: list[HopStream], pairs: Iterable[int]) -> None:
         """Links each pair ``(streams[i], streams[i + 1])`` for i in ``pairs`` that can forward.
 
@@ -239,7 +245,7 @@ class RouteRepair:
             if not 0 <= index < len(streams) - 1:
                 continue
             sender, receiver = streams[index], streams[index + 1]
-            if (sender.peer_id, receiver.peer_id) in self.unforwardable:
+            if not self._can_forward(sender.hop.peer, receiver.hop.peer):
                 continue
             sender.session_next = receiver.next_hop()
             receiver.session_upstream = sender.peer_id
@@ -289,12 +295,12 @@ class RouteRepair:
             next_hop = None
             if link_now and index + 1 < len(route):
                 following = route[index + 1]
-                if (hop.peer.peer_id, following.peer.peer_id) not in self.unforwardable:
+                if self._can_forward(hop.peer, following.peer):
                     next_hop = pb.NextHop(peer_id=following.peer.peer_id, address=following.peer.address,
                                           session_id=session_ids[index + 1], tls_cert=following.peer.tls_cert,
                                           relay_peer_id=following.peer.relay_peer_id)
             previous = route[index - 1].peer.peer_id if link_now and index > 0 else ""
-            if previous and (previous, hop.peer.peer_id) in self.unforwardable:
+            if previous and not self._can_forward(route[index - 1].peer, hop.peer):
                 previous = ""
             opens.append(HopStream.open(
                 self.swarm, hop, batch_size=self.batch_size, max_length=self.max_length,

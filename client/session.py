@@ -41,6 +41,7 @@ from brigade.protocol.attestation import rope_digest
 from brigade.protocol.errors import BadAnswerError, InvalidTensorError
 from brigade.protocol.messages import StepAnswer
 from brigade.protocol.tensors import WIRE_DTYPES, encode
+from brigade.protocol.tickets import ticket
 from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,9 @@ class InferenceSession(RouteRepair):
 
         async def feed() -> None:
             most = self.message_positions()  # a longer chunk goes in pieces under the message cap
+            # One per hop the step is pushed into: without it that hop computes no push (protocol/tickets.py).
+            tickets = [ticket(stream.push_key, stream.session_id, step_id, start, length)
+                       for stream in streams[1:] if stream.push_key]
             async for chunk_start, whole in source:
                 for offset, stop in even_pieces(0, whole.shape[1], most):
                     position, chunk = chunk_start + offset, whole[:, offset:stop]
@@ -205,7 +209,7 @@ class InferenceSession(RouteRepair):
                     sent_at.append(time.monotonic())
                     await streams[0].send(pb.InferenceRequest(session_id=streams[0].session_id, step=pb.Step(
                         hidden=encode(chunk, self._wire_dtype), start_position=position, step_id=step_id,
-                        step_positions=length,
+                        step_positions=length, tickets=tickets,
                         rope_lengths=self.rope_lengths_for(position, position + chunk.shape[1]))))
 
         sender = asyncio.create_task(feed(), name="feed-run")

@@ -14,10 +14,12 @@ the client links around the pair and feeds the next hop itself (``client/handove
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import check_attestation, tensor_digest
-from brigade.protocol.errors import InvalidRequestError
+from brigade.protocol.errors import InvalidRequestError, PermissionDeniedError
+from brigade.protocol.tickets import TicketError, check_ticket
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +49,34 @@ def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int
     return None
 
 
+def take_push(session: Any, step: pb.Step) -> None:
+    """What a push must be before anything is spent on it: its client's ticket for the step (when the
+    client gave this session a push key: ``protocol/tickets.py``), then in order (``check_continues``).
+
+    A refusal is not posted to the client's stream: a made-up, repeated or rewound push comes from the
+    pusher, and ending the receiver's session for it would get an honest receiver banned. Only the push
+    stream ends; the client's step then times out on this hop and the pair is unlinked (its previous
+    hop's forward error says why), nobody banned for the pusher's word.
+    """
+    shape = step.hidden.shape
+    positions = shape[1] if len(shape) == 3 else 0
+    if session.push_key:
+        try:
+            check_ticket(session.push_key, session.session_id, step, positions, session.last_push)
+        except TicketError as error:
+            logger.warning("a push into session %s refused: %s", session.session_id[:64], error)
+            raise PermissionDeniedError(f"push refused: {error}") from error
+    session.last_push = check_continues(session.last_push, step, positions)
+
+
 def check_continues(last: tuple[int, int] | None, step: pb.Step, positions: int) -> tuple[int, int]:
     """The (step id, end) a push leaves, if it continues the last one's step or starts a newer step.
 
     An honest previous hop pushes each step once, in order: its chunks contiguous, a retry or a new
     step under a larger step id (a client's ids only grow). A push that repeats or rewinds positions
     of a step already taken would make this peer compute and sign one (step, position) twice, or
-    quietly rewrite its cache under a result the client never reads: refused (InvalidRequestError,
-    which the client takes as this pair's failure and links around).
+    quietly rewrite its cache under a result the client never reads: refused (InvalidRequestError;
+    ``take_push`` ends the push stream only).
     """
     if last is not None:
         last_step, last_end = last

@@ -206,6 +206,7 @@ class PeerServer:
             quantization=self.config.quantization,
             batch_invariant=self.config.batch_invariant,
             vouches_pushes=True,
+            push_tickets=True,
             throughput=self.throughput,
             prefill_throughput=self.prefill_throughput,
             pings=self._pings.current() if self._pings is not None else {},

@@ -34,7 +34,7 @@ from brigade.peer.forwarding import ForwardChannels, Forwarder, ForwardError
 from brigade.peer.limits import StepDeadlineError
 from brigade.peer.outbox import post as _post
 from brigade.peer.outbox import send as _send
-from brigade.peer.pushes import check_continues, vouched_push
+from brigade.peer.pushes import take_push, vouched_push
 from brigade.peer.scheduler import WorkItem
 from brigade.peer.sessions import Session, SessionManager
 from brigade.peer.unary import UnaryRpcs, refuse
@@ -228,11 +228,10 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 raise InvalidRequestError("a push stream carries only steps of its own session")
             if pusher != session.upstream_peer_id:
                 raise PermissionDeniedError(f"{pusher} is no longer the previous hop of this session")
+            take_push(session, request.step)  # refused: only this push stream ends (the client's step times out)
             digest = tensor_digest(request.step.hidden)  # once: for the vouching and for the step's own digest
             upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0], digest)
             try:
-                shape = request.step.hidden.shape
-                session.last_push = check_continues(session.last_push, request.step, shape[1] if len(shape) == 3 else 0)
                 await self._step(session, request.step, upstream, digest)
             except BrigadeError as error:
                 _post(session, error)  # the client learns on its own stream, and this push stream ends
@@ -343,7 +342,8 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
         )
         if session.forwarder is not None:
             # A chunk is not the whole call: its rope lengths say which call it is of.
-            forwarded = Step.proto(output, position, step.step_id, step.step_positions or step.positions, chunk_lengths)
+            forwarded = Step.proto(output, position, step.step_id, step.step_positions or step.positions, chunk_lengths,
+                                   step.tickets)  # the client's tickets travel with its step (protocol/tickets.py)
             forwarded.pushed_by.CopyFrom(attestation)  # the next hop checks and echoes it (peer/pushes.py)
             try:
                 await session.forwarder.send(forwarded)

@@ -52,6 +52,7 @@ class Session:
     owner: str = ""  # client identity that opened it ("" in --insecure swarms)
     upstream_peer_id: str = ""  # the previous hop, allowed to push steps in (forwarding)
     last_push: tuple[int, int] | None = None  # (step id, end position) of the last push taken (peer/pushes.py)
+    push_key: bytes = b""  # set: a push needs its client's ticket (protocol/tickets.py)
     next: NextHop | None = None  # where outputs go instead of back to the client
     outputs: OutputHistory | None = None  # kept outputs (keep_outputs)
     max_bytes: int = 0  # input bytes this session may send in all
@@ -146,6 +147,7 @@ class SessionManager:
             paid_capacity=capacity,
             owner=owner,
             upstream_peer_id=request.upstream_peer_id,
+            push_key=request.push_key,
             next=request.next,
             outputs=outputs,
             max_bytes=self._session_byte_cap(request),

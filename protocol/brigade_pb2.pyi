@@ -45,7 +45,7 @@ class NextHop(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., tls_cert: _Optional[str] = ..., relay_peer_id: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "start_layer", "end_layer", "batch_size", "max_length", "pad_lengths", "open_timeout_s", "token", "next", "upstream_peer_id", "keep_outputs")
+    __slots__ = ("session_id", "start_layer", "end_layer", "batch_size", "max_length", "pad_lengths", "open_timeout_s", "token", "next", "upstream_peer_id", "keep_outputs", "push_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class OpenSession(_message.Message):
     NEXT_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_layer: int
     end_layer: int
@@ -68,23 +69,36 @@ class OpenSession(_message.Message):
     next: NextHop
     upstream_peer_id: str
     keep_outputs: bool
-    def __init__(self, session_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., pad_lengths: _Optional[_Iterable[int]] = ..., open_timeout_s: _Optional[float] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., next: _Optional[_Union[NextHop, _Mapping]] = ..., upstream_peer_id: _Optional[str] = ..., keep_outputs: _Optional[bool] = ...) -> None: ...
+    push_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., pad_lengths: _Optional[_Iterable[int]] = ..., open_timeout_s: _Optional[float] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., next: _Optional[_Union[NextHop, _Mapping]] = ..., upstream_peer_id: _Optional[str] = ..., keep_outputs: _Optional[bool] = ..., push_key: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "start_position", "step_id", "step_positions", "rope_lengths", "pushed_by")
+    __slots__ = ("hidden", "start_position", "step_id", "step_positions", "rope_lengths", "pushed_by", "tickets")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     ROPE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     PUSHED_BY_FIELD_NUMBER: _ClassVar[int]
+    TICKETS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     start_position: int
     step_id: int
     step_positions: int
     rope_lengths: _containers.RepeatedScalarFieldContainer[int]
     pushed_by: Attestation
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., step_id: _Optional[int] = ..., step_positions: _Optional[int] = ..., rope_lengths: _Optional[_Iterable[int]] = ..., pushed_by: _Optional[_Union[Attestation, _Mapping]] = ...) -> None: ...
+    tickets: _containers.RepeatedCompositeFieldContainer[PushTicket]
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., step_id: _Optional[int] = ..., step_positions: _Optional[int] = ..., rope_lengths: _Optional[_Iterable[int]] = ..., pushed_by: _Optional[_Union[Attestation, _Mapping]] = ..., tickets: _Optional[_Iterable[_Union[PushTicket, _Mapping]]] = ...) -> None: ...
+
+class PushTicket(_message.Message):
+    __slots__ = ("session_id", "step_start", "tag")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_START_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step_start: int
+    tag: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step_start: _Optional[int] = ..., tag: _Optional[bytes] = ...) -> None: ...
 
 class Attach(_message.Message):
     __slots__ = ("session_id", "token")

@@ -27,6 +27,7 @@ from brigade.protocol.errors import (
     SessionLengthError,
 )
 from brigade.protocol.tensors import DTYPE_NAMES, TensorLimits, decode, encode
+from brigade.protocol.tickets import MAX_TICKETS, PUSH_KEY_BYTES
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 MAX_ADDRESS_CHARS = 256
@@ -122,6 +123,7 @@ class OpenSession(FrozenModel):
     next: NextHop | None = None
     upstream_peer_id: str = ""
     keep_outputs: bool = False
+    push_key: bytes = b""  # set: pushes need this client's tickets (protocol/tickets.py)
 
     @classmethod
     def from_proto(cls, message: pb.OpenSession, limits: SessionLimits) -> OpenSession:
@@ -145,12 +147,15 @@ class OpenSession(FrozenModel):
             raise InvalidRequestError("pad_lengths needs one value per sequence, each below max_length")
         if len(message.upstream_peer_id) > 128:
             raise InvalidRequestError("upstream_peer_id is too long")
+        if len(message.push_key) not in (0, PUSH_KEY_BYTES):
+            raise InvalidRequestError(f"push_key must be empty or {PUSH_KEY_BYTES} bytes")
         return cls(
             session_id=message.session_id, start_layer=start, end_layer=end, batch_size=message.batch_size,
             max_length=message.max_length, pad_lengths=pads, open_timeout_s=float(message.open_timeout_s),
             token=message.token if message.HasField("token") else None,
             next=NextHop.from_proto(message.next) if message.HasField("next") else None,
             upstream_peer_id=message.upstream_peer_id, keep_outputs=message.keep_outputs,
+            push_key=bytes(message.push_key),
         )
 
     def to_proto(self) -> pb.OpenSession:
@@ -158,7 +163,7 @@ class OpenSession(FrozenModel):
             session_id=self.session_id, start_layer=self.start_layer, end_layer=self.end_layer,
             batch_size=self.batch_size, max_length=self.max_length, pad_lengths=list(self.pad_lengths),
             open_timeout_s=self.open_timeout_s, upstream_peer_id=self.upstream_peer_id,
-            keep_outputs=self.keep_outputs)
+            keep_outputs=self.keep_outputs, push_key=self.push_key)
         if self.token is not None:
             message.token.CopyFrom(self.token)
         if self.next is not None:
@@ -178,6 +183,7 @@ class Step(FrozenModel):
     step_id: int
     step_positions: int
     rope_lengths: tuple[int, ...] = ()
+    tickets: tuple[Any, ...] = ()  # pb.PushTicket each, passed on with a push (protocol/tickets.py)
 
     @property
     def positions(self) -> int:
@@ -198,15 +204,19 @@ class Step(FrozenModel):
         values = tuple(rope)
         if values and (min(values) < 1 or max(values) > max_length):
             raise InvalidRequestError(f"rope_lengths must lie in [1, {max_length}], the session's max_length")
+        tickets = tuple(message.tickets)
+        if len(tickets) > MAX_TICKETS or any(len(entry.session_id) > 64 or len(entry.tag) > 32 for entry in tickets):
+            raise InvalidRequestError(f"a step carries at most {MAX_TICKETS} tickets, each of one session id "
+                                      "and a 32-byte tag")
         return cls(hidden=hidden, start_position=message.start_position, step_id=message.step_id,
-                   step_positions=message.step_positions, rope_lengths=values)
+                   step_positions=message.step_positions, rope_lengths=values, tickets=tickets)
 
     @staticmethod
     def proto(hidden: pb.Tensor, start_position: int, step_id: int, step_positions: int,
-              rope_lengths: list[int] | tuple[int, ...] = ()) -> pb.Step:
+              rope_lengths: list[int] | tuple[int, ...] = (), tickets: tuple[Any, ...] = ()) -> pb.Step:
         """A step to send, from its wire tensor (the sender encodes once and may hash the same bytes)."""
         return pb.Step(hidden=hidden, start_position=start_position, step_id=step_id, step_positions=step_positions,
-                       rope_lengths=list(rope_lengths))
+                       rope_lengths=list(rope_lengths), tickets=list(tickets))
 
 
 class StepAnswer(FrozenModel):

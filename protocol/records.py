@@ -103,6 +103,7 @@ class PeerRecord(SignedFields):
     quantization: _Text = "none"
     batch_invariant: bool = False  # computes one step per pass in fixed chunks (peer --batch-invariant)
     vouches_pushes: bool = False  # signs its pushes and echoes what it was pushed (client/handover.py)
+    push_tickets: bool = False  # takes pushes only with the client's tickets, passes them on (protocol/tickets.py)
     throughput: _Rate = 0.0  # tokens/s per layer (decode, batch 1); 0 = unmeasured
     prefill_throughput: _Rate = 0.0  # tokens/s per layer for a prefill chunk; 0 = unmeasured
     free_cache_tokens: Annotated[int, Field(ge=0, le=1 << 48)] = 0

@@ -15,7 +15,10 @@ and nf4, and cheaters (``tests/support/brigade_evil_peer.py``), each a real peer
   neighbours were accused, and the distrusted set is shared by every session of the model);
 - ``a_push`` answers its client honestly but pushes ``b32`` noisy bytes, with a valid attestation of
   them (a re-run from its signed outputs then made honest ``b32`` look wrong, and outvoted it);
-- ``a_unsigned`` pushes the same noisy bytes with its honest attestation, which ``b32`` cannot match.
+- ``a_unsigned`` pushes the same noisy bytes with its honest attestation, which ``b32`` cannot match;
+- ``a_madeup`` pushes honestly, then (once, at position 40) makes up a newer step over every position so
+  far (random, validly signed): without the client's ticket for it, ``b32`` refuses it
+  (``protocol/tickets.py``).
 
 Each run is one session through a chosen route, fed a fixed token sequence for up to 60 windows of
 2 steps, checked at the default rate (5%, stratified, with extra random checks on top).
@@ -41,6 +44,7 @@ LAYOUT = [
     PeerSpec("a_shift", (0, 3), cheat="shift-attestation:1"),
     PeerSpec("a_push", (0, 3), cheat="push-other:0.5"),
     PeerSpec("a_unsigned", (0, 3), cheat="push-unsigned:0.5"),
+    PeerSpec("a_madeup", (0, 3), cheat="made-up-step:40"),
     PeerSpec("b32", (3, 6)),
     PeerSpec("b4", (3, 6), quant="nf4"),
     PeerSpec("b_refuse", (3, 6), quant="nf4", cheat="refuse-history:"),  # computes honestly: re-runs checks well
@@ -148,3 +152,12 @@ def test_a_push_its_next_hop_cannot_vouch_for_is_carried_by_the_client_instead(
     assert "b32" not in distrusted(outcome, dodge_swarm) and "b32" in outcome.final_route, outcome.reports
     assert not [result for result in outcome.results if result.outcome == "caught"], outcome.results
     assert _right_at_the_end(outcome, tokens)  # what b32 computed from the noisy push never counted
+
+
+def test_an_upstream_that_makes_up_steps_cannot_rewrite_its_next_hops_cache(
+        model, dodge_swarm: CheatSwarm) -> None:
+    """Before tickets, ``b32`` took the made-up step (a newer step id may rewind), its cache was rewritten
+    under results the client skipped, and every later output was wrong with ``b32`` to blame."""
+    outcome, tokens = session(model, dodge_swarm, ["a_madeup", "b32"], seed=7, stop_when_caught=False)
+    assert "b32" not in distrusted(outcome, dodge_swarm) and "b32" in outcome.final_route, outcome.reports
+    assert _right_at_the_end(outcome, tokens)

@@ -58,8 +58,9 @@ def test_a_well_formed_open_round_trips() -> None:
     ({"pad_lengths": [0, 32]}, InvalidRequestError, "pad_lengths"),
     ({"next": pb.NextHop(address="", session_id="session-0002")}, InvalidRequestError, "next hop"),
     ({"next": pb.NextHop(address="x" * 300, session_id="session-0002")}, InvalidRequestError, "too long"),
+    ({"push_key": b"k" * 31}, InvalidRequestError, "push_key"),
 ], ids=["id", "below-span", "past-span", "batch", "zero-length", "too-long", "pads-count", "pad-too-long",
-        "next-no-address", "next-long-address"])
+        "next-no-address", "next-long-address", "push-key"])
 def test_malformed_opens_are_the_requests_fault(fields: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match) as caught:
         OpenSession.from_proto(_open(**fields), LIMITS)
@@ -84,6 +85,16 @@ def _step(hidden: torch.Tensor, start: int = 0, rope: list[int] | None = None) -
 def test_malformed_steps_are_the_requests_fault(hidden, start, rope, error, match) -> None:
     with pytest.raises(error, match=match):
         _step(hidden, start, rope)
+
+
+def test_a_step_bounds_the_tickets_it_passes_on() -> None:
+    tickets = [pb.PushTicket(session_id=f"session-{index:04d}", step_start=0, tag=bytes(32)) for index in range(65)]
+    message = pb.Step(hidden=encode(torch.zeros(2, 3, WIDTH)), start_position=0, step_id=1, tickets=tickets[:64])
+    assert len(Step.from_proto(message, TensorLimits(), batch=2, width=WIDTH, max_length=32).tickets) == 64
+    for bad in (tickets, [pb.PushTicket(session_id="s" * 65, tag=bytes(32))], [pb.PushTicket(tag=bytes(33))]):
+        message = pb.Step(hidden=encode(torch.zeros(2, 3, WIDTH)), start_position=0, step_id=1, tickets=bad)
+        with pytest.raises(InvalidRequestError, match="tickets"):
+            Step.from_proto(message, TensorLimits(), batch=2, width=WIDTH, max_length=32)
 
 
 def test_a_step_keeps_the_digest_of_its_wire_bytes() -> None:

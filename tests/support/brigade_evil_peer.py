@@ -24,7 +24,11 @@ steps "forwarded", but never pushes them: its honest next hop waits for inputs t
 noise of ``S`` times their RMS, with a valid attestation of those other bytes (two signed outputs for
 one position); ``push-unsigned:S`` pushes the same noisy bytes with the honest attestation (which the
 next hop finds does not match them). Either way its honest next hop computes right from what it got,
-which is what a re-run from the pusher's signed outputs would call wrong.
+which is what a re-run from the pusher's signed outputs would call wrong. ``made-up-step:P``
+computes, signs and pushes honestly, then after its first one-position push at position ``P`` or
+later makes up a newer step (step id + 1) over every position so far: random hidden states at the
+RMS of its outputs, validly signed, the client's tickets copied. Its next hop's cache is rewritten
+under a result the client cannot use, and the client's real next step continues where it ends.
 ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
@@ -207,6 +211,38 @@ def _push_other_bytes(scale: float, resign: bool) -> None:
     Forwarder.send = noisy_send  # type: ignore[method-assign]
 
 
+def _make_up_steps(after: int) -> None:
+    """Once, after a one-position push at ``after`` or later, a made-up step over every position so far."""
+    from brigade.peer.forwarding import Forwarder
+    from brigade.protocol import brigade_pb2 as pb
+    from brigade.protocol.attestation import attest, tensor_digest
+    from brigade.protocol.tensors import decode, encode
+
+    honest_send = Forwarder.send
+    done = []
+
+    async def send_and_make_up(self: Forwarder, step) -> None:  # type: ignore[no-untyped-def]
+        await honest_send(self, step)
+        tensor = decode(step.hidden)
+        if done or tensor.shape[1] != 1 or step.rope_lengths or step.start_position < after:
+            return
+        done.append(step.step_id)
+        start, count = 0, step.start_position + 1
+        made_up = pb.Step()
+        made_up.CopyFrom(step)
+        made_up.step_id, made_up.start_position, made_up.step_positions = step.step_id + 1, start, count
+        noise = torch.randn(tensor.shape[0], count, tensor.shape[2]) * tensor.pow(2).mean().sqrt()
+        wire = encode(noise.to(tensor.dtype), tensor.dtype)
+        made_up.hidden.CopyFrom(wire)
+        att = step.pushed_by
+        made_up.pushed_by.CopyFrom(attest(self._identity, att.session_id, made_up.step_id, start,
+                                          (att.start_layer, att.end_layer), att.input_sha256, tensor_digest(wire),
+                                          att.rope_sha256))
+        await honest_send(self, made_up)
+
+    Forwarder.send = send_and_make_up  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
         raise SystemExit("usage: brigade_evil_peer.py --cheat KIND:VALUE <brigade arguments> (see the docstring)")
@@ -235,10 +271,12 @@ def main(argv: list[str]) -> None:
         _never_push()
     elif kind in ("push-other", "push-unsigned"):
         _push_other_bytes(float(value), resign=kind == "push-other")
+    elif kind == "made-up-step":
+        _make_up_steps(int(value))
     else:
         raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S, rope:K, refuse:invalid|range, "
                          "crash:, short-history:K, shift-attestation:K, refuse-history:, frame-upstream:, no-push:, "
-                         "push-other:S or push-unsigned:S")
+                         "push-other:S, push-unsigned:S or made-up-step:K")
     app(args=argv[2:], prog_name="brigade")
 
 
