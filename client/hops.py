@@ -268,8 +268,13 @@ class HopStream:
                 self.queued_bytes += size
                 self._answers.put_nowait(response)
         except asyncio.CancelledError:
-            raise
-        except BaseException as error:  # a broken connection, the call cancelled
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this reader is being stopped (the hop closed)
+            # gRPC's read of a call cancelled under it (a send that timed out cancels the whole call):
+            # every later wait on this hop fails at once instead of waiting out its deadline.
+            self._end(_Ended(HopFailure(self.hop, "its stream was cancelled")))
+        except BaseException as error:  # a broken connection
             self._end(_Ended(error))
 
     def _end(self, ended: _Ended, drop: bool = False) -> None:

@@ -314,8 +314,9 @@ class InferenceSession(RouteRepair):
         raise HopFailure(self.hops[index].hop, "computed with other rope lengths than it was sent")
 
     def _timeout(self, stream: HopStream, decode_sized: bool) -> float:
-        if decode_sized and stream.step_ema_s is not None:
-            return max(self.config.decode_timeout_floor_s, self.config.decode_timeout_factor * stream.step_ema_s)
+        if decode_sized and stream.step_ema_s is not None:  # never past a whole step's (one slow step measured)
+            return min(self.config.step_timeout_s, max(self.config.decode_timeout_floor_s,
+                                                       self.config.decode_timeout_factor * stream.step_ema_s))
         return self.config.step_timeout_s
 
     def _observe(self, stream: HopStream, elapsed: float, compute_ms: float) -> None:
