@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -319,10 +320,21 @@ async def first_to_end(*coroutines: object) -> None:
 
 
 def _source_of(writer: asyncio.StreamWriter) -> str:
-    """The client's IP (IPv4-mapped IPv6 as IPv4), what per-source caps count."""
     peername = writer.get_extra_info("peername")
-    host = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
-    return observed_host(f"{'ipv6' if ':' in host else 'ipv4'}:{host}:0") or host
+    return source_key(str(peername[0]) if isinstance(peername, tuple) and peername else "?")
+
+
+def source_key(host: str) -> str:
+    """What per-source caps count for a client at ``host``: its IPv4 address (IPv4-mapped IPv6 as IPv4),
+    or the /64 its IPv6 address is in. One subscriber usually holds a whole /64 and may use any of its
+    addresses, so counting exact IPv6 addresses would give one person 2**64 sources."""
+    ip = observed_host(f"{'ipv6' if ':' in host else 'ipv4'}:{host}:0")
+    if ip is None:
+        return host
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return ip
 
 
 def parse_connect(head: bytes) -> str | None:

@@ -18,7 +18,7 @@ from brigade.peer.reachability import (
     observed_host,
     probe_target,
 )
-from brigade.peer.relay import _ByteBudget, parse_connect
+from brigade.peer.relay import _ByteBudget, parse_connect, source_key
 from brigade.peer.relayed import relay_candidates
 from brigade.protocol.channels import RelayDialError, dial, relay_target, relayed_peer_of
 from brigade.protocol.identity import Identity
@@ -83,6 +83,15 @@ def test_observed_host_reads_grpc_peer_strings() -> None:
     assert observed_host("ipv6:[::ffff:10.0.0.7]:80") == "10.0.0.7"
     assert observed_host("unix:/tmp/sock") is None
     assert observed_host("ipv4:nonsense") is None
+
+
+def test_relay_caps_count_an_ipv6_64_as_one_source() -> None:
+    assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")  # the next /64 is another source
+    assert source_key("203.0.113.7") == "203.0.113.7" != source_key("203.0.113.8")
+    assert source_key("::ffff:203.0.113.7") == "203.0.113.7"  # IPv4-mapped counts as its IPv4 address
+    assert source_key("fe80::1%eth0") == "fe80::/64"
+    assert source_key("?") == "?"
 
 
 def test_probers_dial_only_where_the_request_came_from() -> None:
