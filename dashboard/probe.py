@@ -11,8 +11,9 @@ per session, and would double the figure).
 
 Records are anyone's to write, so a probe is a dial made on a stranger's word: outside a private
 swarm only public addresses are dialed (``protocol/targets.py``; names resolved and pinned to a
-public IP), and the error shown on the public page is a coarse reason, never the text gRPC or
-OpenSSL gave (which would tell the world what answers at an address inside someone's network).
+public IP), and the error shown on the public page is one reason for every failure to answer,
+never the text gRPC or OpenSSL gave, nor whether the port refused or stayed silent (which would tell
+the world what answers at an address in someone's network). A private swarm shows the coarse kind.
 """
 
 from __future__ import annotations
@@ -91,12 +92,12 @@ async def probe_peer(record: PeerRecord, timeout_s: float, *, allow_private: boo
             info = await stub.Info(pb.InfoRequest(), timeout=timeout_s)
             rtt_ms = (time.perf_counter() - began) * 1000
     except TimeoutError:
-        return ProbeResult(False, error=f"no answer within {timeout_s:g} s")
+        return _unreachable(f"no answer within {timeout_s:g} s", allow_private)
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return ProbeResult(False, error=f"no answer within {timeout_s:g} s")
+            return _unreachable(f"no answer within {timeout_s:g} s", allow_private)
         logger.debug("probe of %s failed: %s %s", record.peer_id, e.code(), _first_line(e.details()))
-        return ProbeResult(False, error=f"unreachable ({e.code().name})")
+        return _unreachable(f"unreachable ({e.code().name})", allow_private)
     except Exception as e:  # a malformed address, a channel that cannot be built
         logger.debug("probe of %s failed: %r", record.peer_id, e)
         return ProbeResult(False, error="probe failed: the record cannot be dialed")
@@ -111,6 +112,17 @@ async def probe_peer(record: PeerRecord, timeout_s: float, *, allow_private: boo
         True, rtt_ms, state=info.state, free_cache_tokens=int(info.free_cache_tokens),
         open_sessions=int(info.open_sessions),
     )
+
+
+PUBLIC_UNREACHABLE = "unreachable (no valid answer)"
+
+
+def _unreachable(detail: str, allow_private: bool) -> ProbeResult:
+    """A failed probe as the page shows it. Outside a private swarm a record may name any public host,
+    so the page must not tell a closed port (refused at once) from a filtered one (silent) or an open
+    one that speaks something else: that would make the dashboard a port scanner for anyone who can
+    write a record. One reason for all of them there; the detail is for a private swarm's operator."""
+    return ProbeResult(False, error=detail if allow_private else PUBLIC_UNREACHABLE)
 
 
 async def _close(channel: grpc.aio.Channel) -> None:

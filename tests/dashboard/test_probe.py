@@ -87,6 +87,31 @@ def test_probe_answers_refusals_hangs_and_impostors() -> None:
     asyncio.run(scenario())
 
 
+def test_a_public_probe_does_not_tell_a_closed_port_from_a_silent_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Outside a private swarm a record may name any public host: the page gives one reason for every
+    failure, so it is no port scanner. (Loopback stands in for a public address here: the target check,
+    ``dial_target``, is told it is public.)"""
+    from brigade.dashboard import probe
+
+    async def as_if_public(address: str, *, allow_private: bool, timeout_s: float) -> str:
+        return address
+
+    monkeypatch.setattr(probe, "dial_target", as_if_public)
+    identity = Identity.generate()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        closed = asyncio.run(probe_peer(peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{closed_port()}"),
+                                        0.5))
+        hung = asyncio.run(probe_peer(
+            peer_record(identity, "m", 0, 2, 4, address=f"127.0.0.1:{silent.getsockname()[1]}"), 0.5))
+    finally:
+        silent.close()
+    assert not closed.reachable and not hung.reachable
+    assert closed.error == hung.error == probe.PUBLIC_UNREACHABLE
+
+
 def test_probe_all_bounds_concurrency_and_time() -> None:
     """40 hanging peers, 8 probes at a time, 0.3 s each: about 5 rounds, never one long wait."""
     silent = socket.socket()
