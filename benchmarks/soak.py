@@ -67,6 +67,8 @@ SLACK = {"tasks": 4, "threads": 8, "fds": 16}
 # Threads the first client starts for the whole process and never stops (hivemind's MPFuture backend,
 # two of gRPC's): the same after one client or many; a thread leaked per client shows from 4 clients on.
 CLIENT_THREAD_SLACK = 3
+SLOW_S = 60.0  # a generation this long is printed with its recoveries
+STUCK_S = 180.0  # a generation running this long has its stacks dumped at the next minute line
 RSS_GROWTH = (1.2, 32.0)  # an incarnation seen for 10 minutes or more may grow by 20% + 32 MiB at most
 
 
@@ -77,6 +79,7 @@ class Tally:
     completed: int = 0
     identical: int = 0
     failed: int = 0
+    running_since: dict[int, float] = field(default_factory=dict)  # client -> when its generation began
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -119,6 +122,7 @@ def client_loop(index: int, model: DistributedModelForCausalLM, prompts: list[tu
         generation += 1
         ids = torch.tensor([prompt])
         began = time.monotonic()
+        tally.running_since[index] = began
         try:
             if use_stream:
                 got = [*prompt, *(int(token[0]) for token in model.stream(ids, max_new_tokens=new_tokens))]
@@ -131,6 +135,13 @@ def client_loop(index: int, model: DistributedModelForCausalLM, prompts: list[tu
                   f"{type(error).__name__}: {error}", flush=True)
             traceback.print_exc(limit=3)
             continue
+        finally:
+            tally.running_since.pop(index, None)
+        took = time.monotonic() - began
+        if took > SLOW_S:  # a long wait that ended: which recoveries it went through
+            print(f"client {index} generation {generation} SLOW: {took:.0f} s; events: "
+                  + "; ".join(f"{event.kind} {event.peer_id[:12]} {event.reason[:120]} ({event.recovery_s:.1f} s)"
+                              for event in model.last_events), flush=True)
         with tally.lock:
             tally.completed += 1
             tally.identical += got == expected
@@ -262,10 +273,16 @@ def main() -> int:
             for thread in [*clients, faults]:
                 thread.start()
             samples: dict[str, list[tuple[float, Usage]]] = {}
+            dumped: set[int] = set()
             end = began + args.minutes * 60
             for minute in itertools.count(1):
                 wait_until(min(began + minute * 60, end))
                 print(minute_line(soak, tally, began, samples), flush=True)
+                long_running = [index for index, since in list(tally.running_since.items())
+                                if time.monotonic() - since > STUCK_S and index not in dumped]
+                if long_running:  # where it waits, while the swarm is still as it was
+                    dumped.update(long_running)
+                    dump_stuck([clients[index] for index in long_running], [models[index] for index in long_running])
                 if time.monotonic() >= end:
                     break
 

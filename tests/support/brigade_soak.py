@@ -191,6 +191,11 @@ def dump_stuck(threads: list, models: list) -> None:
         if frame is not None:
             print("".join(traceback.format_stack(frame)), flush=True)
     for index, model in enumerate(models):
+        loop_thread = model._loop._thread  # a loop blocked in a call (not awaiting) shows only here
+        frame = frames.get(loop_thread.ident)
+        if frame is not None:
+            print(f"--- client {index} loop thread:", flush=True)
+            print("".join(traceback.format_stack(frame)), flush=True)
         loop = model._loop.loop
         for task in asyncio.all_tasks(loop):
             print(f"--- client {index} task {task.get_name()}:", flush=True)
