@@ -53,8 +53,8 @@ class LoopThread:
                         raise ClientClosedError("the client was closed while this call waited") from None
                     raise
                 except TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise
+                    if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                        raise  # the work's own TimeoutError, or this call's deadline
                     if self._stopped:  # the loop stopped (or would not answer close()) under this call
                         raise ClientClosedError("the client was closed while this call waited") from None
         except BaseException:

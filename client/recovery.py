@@ -261,6 +261,7 @@ class RouteRepair:
         self, start: int, end: int, history: torch.Tensor | None, budget: Budget
     ) -> list[HopStream]:
         fresh = False
+        budget.start()  # building a route is recovery (or the first open): its waits count from here
         while True:
             try:
                 wait_s = max(0.0, min(self.config.route_wait_s, budget.remaining_s()))

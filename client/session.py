@@ -41,7 +41,7 @@ from brigade.protocol.attestation import rope_digest
 from brigade.protocol.errors import BadAnswerError, InvalidTensorError
 from brigade.protocol.messages import StepAnswer
 from brigade.protocol.tensors import WIRE_DTYPES, encode
-from brigade.protocol.tickets import ticket
+from brigade.protocol.tickets import run_tickets
 from brigade.routing.route import Hop
 
 logger = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class InferenceSession(RouteRepair):
         async def feed() -> None:
             most = self.message_positions()  # a longer chunk goes in pieces under the message cap
             # One per hop the step is pushed into: without it that hop computes no push (protocol/tickets.py).
-            tickets = [ticket(stream.push_key, stream.session_id, step_id, start, length)
-                       for stream in streams[1:] if stream.push_key]
+            tickets = run_tickets([(stream.push_key, stream.session_id) for stream in streams[1:] if stream.push_key],
+                                  step_id, start, length)
             async for chunk_start, whole in source:
                 for offset, stop in even_pieces(0, whole.shape[1], most):
                     position, chunk = chunk_start + offset, whole[:, offset:stop]
@@ -291,7 +291,12 @@ class InferenceSession(RouteRepair):
                 finally:
                     if not answer.done():
                         answer.cancel()
-            if response.WhichOneof("kind") != "result":
+            kind = response.WhichOneof("kind")
+            if kind == "push_refused" and stream.receives_push and response.push_refused.step_id >= step_id:
+                # Its previous hop pushed what it may not (a made-up step among others): unlinked at once
+                # (``_blame_pushed``), not waited out; an older refusal is of an attempt already abandoned.
+                raise HopFailure(stream.hop, f"refused its previous hop's push: {response.push_refused.reason[:200]}")
+            if kind != "result":
                 continue  # e.g. a late relink acknowledgement
             if response.result.step_id != step_id:
                 continue  # an answer to an abandoned attempt

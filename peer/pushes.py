@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from brigade.peer.outbox import post
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.attestation import check_attestation, tensor_digest
-from brigade.protocol.errors import InvalidRequestError, PermissionDeniedError
+from brigade.protocol.errors import BrigadeError, InvalidRequestError, PermissionDeniedError
+from brigade.protocol.messages import Step
+from brigade.protocol.tensors import TensorLimits
 from brigade.protocol.tickets import TicketError, check_ticket
 
 logger = logging.getLogger(__name__)
@@ -49,24 +52,48 @@ def vouched_push(step: pb.Step, pusher: str, pusher_key: bytes, first_layer: int
     return None
 
 
-def take_push(session: Any, step: pb.Step) -> None:
-    """What a push must be before anything is spent on it: its client's ticket for the step (when the
-    client gave this session a push key: ``protocol/tickets.py``), then in order (``check_continues``).
+MAX_REFUSALS_TOLD = 4  # per session: a pusher re-attaching to refuse again cannot fill the client's stream
 
-    A refusal is not posted to the client's stream: a made-up, repeated or rewound push comes from the
+
+def take_push(session: Any, step: pb.Step, limits: TensorLimits, width: int) -> Step:
+    """``_take_push``, and a refusal also told to the client (``PushRefused``, a few per session at most),
+    which unlinks the pair at once instead of waiting out a step deadline (a prefill's is 120 s)."""
+    try:
+        return _take_push(session, step, limits, width)
+    except PermissionDeniedError as error:
+        if session.push_refusals_told < MAX_REFUSALS_TOLD:
+            session.push_refusals_told += 1
+            post(session, pb.InferenceResponse(push_refused=pb.PushRefused(step_id=step.step_id,
+                                                                          reason=str(error)[:300])))
+        raise
+
+
+def _take_push(session: Any, step: pb.Step, limits: TensorLimits, width: int) -> Step:
+    """The push as a checked ``Step``, if it is what a push must be before anything is spent on it: its
+    client's ticket for the step (when the client gave this session a push key: ``protocol/tickets.py``),
+    in order (``check_continues``), and a well-formed step (``Step.from_proto``).
+
+    A refusal does not end the client's session: a made-up, repeated or rewound push comes from the
     pusher, and ending the receiver's session for it would get an honest receiver banned. Only the push
-    stream ends; the client's step then times out on this hop and the pair is unlinked (its previous
-    hop's forward error says why), nobody banned for the pusher's word.
+    stream ends, and the pair is unlinked (``take_push`` tells the client), nobody banned.
     """
     shape = step.hidden.shape
-    positions = shape[1] if len(shape) == 3 else 0
+    if len(shape) != 3 or not 1 <= shape[1] <= session.max_length:
+        raise PermissionDeniedError(f"push refused: hidden states of shape {list(shape)[:4]}")
+    positions = shape[1]
     if session.push_key:
         try:
             check_ticket(session.push_key, session.session_id, step, positions, session.last_push)
         except TicketError as error:
             logger.warning("a push into session %s refused: %s", session.session_id[:64], error)
             raise PermissionDeniedError(f"push refused: {error}") from error
-    session.last_push = check_continues(session.last_push, step, positions)
+    try:
+        parsed = Step.from_proto(step, limits, batch=session.batch_size, width=width, max_length=session.max_length,
+                                 digest=tensor_digest(step.hidden))  # hashed once: the vouching reuses it
+        session.last_push = check_continues(session.last_push, step, positions)
+        return parsed
+    except BrigadeError as error:
+        raise PermissionDeniedError(f"push refused: {error}") from error
 
 
 def check_continues(last: tuple[int, int] | None, step: pb.Step, positions: int) -> tuple[int, int]:

@@ -228,11 +228,11 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
                 raise InvalidRequestError("a push stream carries only steps of its own session")
             if pusher != session.upstream_peer_id:
                 raise PermissionDeniedError(f"{pusher} is no longer the previous hop of this session")
-            take_push(session, request.step)  # refused: only this push stream ends (the client's step times out)
-            digest = tensor_digest(request.step.hidden)  # once: for the vouching and for the step's own digest
-            upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0], digest)
+            # Refused: only this push stream ends, never the client's session (peer/pushes.py).
+            parsed = take_push(session, request.step, self.limits, self.hidden_size)
+            upstream = vouched_push(request.step, pusher, pusher_key, session.layers[0], parsed.hidden.digest)
             try:
-                await self._step(session, request.step, upstream, digest)
+                await self._step(session, request.step, upstream, parsed)
             except BrigadeError as error:
                 _post(session, error)  # the client learns on its own stream, and this push stream ends
                 raise
@@ -260,18 +260,19 @@ class PeerServicer(UnaryRpcs, pb_grpc.PeerServicer):
 
     # -- one step --------------------------------------------------------------------------------
     async def _step(self, session: Session, step: pb.Step, upstream: pb.Attestation | None = None,
-                    digest: bytes | None = None) -> None:
+                    parsed: Step | None = None) -> None:
         """Computes one step (in chunks when long) and sends each chunk on: to the next hop or the client.
         ``upstream``: the pusher's checked attestation of a pushed step, echoed in each result;
-        ``digest``: the step's tensor digest when the push path already computed it."""
+        ``parsed``: the step already checked (a push is, before anything is posted to the session)."""
         async with session.step_lock:
-            await self._step_locked(session, step, upstream, digest)
+            await self._step_locked(session, step, upstream, parsed)
 
     async def _step_locked(self, session: Session, message: pb.Step, upstream: pb.Attestation | None,
-                           digest: bytes | None) -> None:
+                           parsed: Step | None) -> None:
         self.sessions.account_input(session, len(message.hidden.data))
-        step = Step.from_proto(message, self.limits, batch=session.batch_size, width=self.hidden_size,
-                               max_length=session.max_length, digest=digest)
+        step = parsed or Step.from_proto(message, self.limits, batch=session.batch_size, width=self.hidden_size,
+                                         max_length=session.max_length)
+        session.last_push = (step.step_id, step.start_position + step.positions)  # pushes continue it or are newer
         hidden = step.hidden.tensor
         start = step.start_position
         rope_lengths = self.sessions.rope_lengths(session, step)

@@ -51,8 +51,11 @@ class Session:
     paid_capacity: int  # positions the cache may grow to: paid for, so the compute thread may grow it
     owner: str = ""  # client identity that opened it ("" in --insecure swarms)
     upstream_peer_id: str = ""  # the previous hop, allowed to push steps in (forwarding)
-    last_push: tuple[int, int] | None = None  # (step id, end position) of the last push taken (peer/pushes.py)
+    # (step id, end position) of the last step taken, pushed or the client's own: a push must continue
+    # it or start a newer step (peer/pushes.py), so a ticket held back through client-driven steps is stale
+    last_push: tuple[int, int] | None = None
     push_key: bytes = b""  # set: a push needs its client's ticket (protocol/tickets.py)
+    push_refusals_told: int = 0  # PushRefused answers posted to the client (peer/pushes.py bounds them)
     next: NextHop | None = None  # where outputs go instead of back to the client
     outputs: OutputHistory | None = None  # kept outputs (keep_outputs)
     max_bytes: int = 0  # input bytes this session may send in all

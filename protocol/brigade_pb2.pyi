@@ -197,14 +197,24 @@ class StepResult(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., peer_leaving: _Optional[bool] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., forwarded: _Optional[bool] = ..., forward_error: _Optional[str] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ..., queue_ms: _Optional[float] = ..., upstream: _Optional[_Union[Attestation, _Mapping]] = ..., upstream_positions: _Optional[int] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("opened", "result", "relinked")
+    __slots__ = ("opened", "result", "relinked", "push_refused")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     RELINKED_FIELD_NUMBER: _ClassVar[int]
+    PUSH_REFUSED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     result: StepResult
     relinked: Relinked
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., relinked: _Optional[_Union[Relinked, _Mapping]] = ...) -> None: ...
+    push_refused: PushRefused
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., relinked: _Optional[_Union[Relinked, _Mapping]] = ..., push_refused: _Optional[_Union[PushRefused, _Mapping]] = ...) -> None: ...
+
+class PushRefused(_message.Message):
+    __slots__ = ("step_id", "reason")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    reason: str
+    def __init__(self, step_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("start_layer", "end_layer", "hidden", "pad_lengths", "token")

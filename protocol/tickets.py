@@ -11,7 +11,9 @@ own TLS stream; the peer never sends it on) and puts in each step it sends one t
 step will be pushed into: an HMAC under that session's key of (session, step id, step start, step
 positions). Hops pass tickets on unchanged. A receiver computes a push only with a valid ticket for
 its own session whose step the push stays inside; a made-up step has none, and an old ticket's step
-id is refused by ``check_continues``. HMAC, not a signature: one hash per ticket on the hot path.
+id is refused by ``check_continues``. Each tag also covers the later tickets (``run_tickets``), so a
+hop cannot strip or alter a later hop's ticket without its own next hop refusing the push. HMAC, not
+a signature: one hash per ticket on the hot path.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Sequence
 
 from brigade.protocol import brigade_pb2 as pb
 
@@ -35,14 +38,41 @@ def new_push_key() -> bytes:
     return os.urandom(PUSH_KEY_BYTES)
 
 
-def ticket_tag(key: bytes, session_id: str, step_id: int, step_start: int, step_positions: int) -> bytes:
-    message = session_id.encode() + struct.pack("!QII", step_id, step_start, step_positions)
+def ticket_tag(key: bytes, session_id: str, step_id: int, step_start: int, step_positions: int,
+               later: bytes = b"") -> bytes:
+    """HMAC-SHA256 under ``key`` of the step and ``later`` (``chain_digest`` of the tickets after this one)."""
+    message = session_id.encode() + struct.pack("!QII", step_id, step_start, step_positions) + later
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
-def ticket(key: bytes, session_id: str, step_id: int, step_start: int, step_positions: int) -> pb.PushTicket:
+def chain_digest(entries: Sequence[pb.PushTicket]) -> bytes:
+    """What a ticket's tag also covers: every later ticket of the run, in order ("" when there is none)."""
+    if not entries:
+        return b""
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(struct.pack("!HI", len(entry.session_id), entry.step_start) + entry.session_id.encode())
+        digest.update(entry.tag)
+    return digest.digest()
+
+
+def ticket(key: bytes, session_id: str, step_id: int, step_start: int, step_positions: int,
+           later: bytes = b"") -> pb.PushTicket:
     return pb.PushTicket(session_id=session_id, step_start=step_start,
-                         tag=ticket_tag(key, session_id, step_id, step_start, step_positions))
+                         tag=ticket_tag(key, session_id, step_id, step_start, step_positions, later))
+
+
+def run_tickets(receivers: Sequence[tuple[bytes, str]], step_id: int, step_start: int,
+                step_positions: int) -> list[pb.PushTicket]:
+    """The tickets of one step for the sessions it will be pushed into, (key, session id) in run order.
+
+    Each tag also covers the tickets after it, so a hop that drops or alters a later hop's ticket makes
+    its own next hop refuse the push: the pair it broke is its own, not an honest pair further on.
+    """
+    tickets: list[pb.PushTicket] = []
+    for key, session_id in reversed(receivers):
+        tickets.insert(0, ticket(key, session_id, step_id, step_start, step_positions, chain_digest(tickets)))
+    return tickets
 
 
 def check_ticket(key: bytes, session_id: str, step: pb.Step, positions: int, last: tuple[int, int] | None) -> None:
@@ -54,13 +84,14 @@ def check_ticket(key: bytes, session_id: str, step: pb.Step, positions: int, las
     """
     if len(step.tickets) > MAX_TICKETS:
         raise TicketError(f"a step carries at most {MAX_TICKETS} tickets")
-    mine = [entry for entry in step.tickets if entry.session_id == session_id]
+    mine = [index for index, entry in enumerate(step.tickets) if entry.session_id == session_id]
     if len(mine) != 1:
         raise TicketError("the push carries no ticket of this session's client" if not mine else
                           "the push carries several tickets for this session")
-    entry = mine[0]
+    entry = step.tickets[mine[0]]
     whole = step.step_positions or positions
-    expected = ticket_tag(key, session_id, step.step_id, entry.step_start, whole)
+    expected = ticket_tag(key, session_id, step.step_id, entry.step_start, whole,
+                          chain_digest(step.tickets[mine[0] + 1 :]))
     if not hmac.compare_digest(expected, entry.tag):
         raise TicketError(f"the push's ticket for step {step.step_id} is not this session's client's")
     opens_step = last is None or step.step_id != last[0]

@@ -13,6 +13,7 @@ announcing a high throughput, so routes pick it first:
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,40 @@ def test_an_upstream_that_claims_to_forward_but_never_pushes_gets_nobody_honest_
     checkpoint: Path, reference: torch.nn.Module, tmp_path: Path
 ) -> None:
     """The first hop answers every step "forwarded" and pushes nothing; the honest second hop never
-    answers. The client unlinks the pair and carries it itself: exact tokens, the honest peer unbanned."""
+    answers. The client unlinks the pair and carries it itself: exact tokens, the honest peer unbanned.
+    The prompt's step waits out the whole step deadline (3 s), longer than the retry budget (2 s): the
+    budget counts recovery from the first failure on, so a silent peer cannot end the generation."""
     with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
         swarm.start_bootstrap()
         silent, tail = _start(swarm, checkpoint, [((0, 3), "no-push:"), ((3, 6), None)])
         ids = _prompt(4)
         expected = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers, verify_rate=0.0,
-                                                         step_timeout_s=3.0, retry_budget_s=15) as model:
+                                                         step_timeout_s=3.0, retry_budget_s=2.0) as model:
             assert model.generate(ids, max_new_tokens=NEW_TOKENS).tolist() == expected.tolist()
             assert _id(tail) not in model.bans.banned(), model.last_events
             assert not [event for event in model.last_events if event.kind == "failure"], model.last_events
             assert any(event.kind == "unlink" and event.peer_id == _id(silent) for event in model.last_events)
+
+
+def test_a_push_its_next_hop_refuses_unlinks_the_pair_at_once(
+    checkpoint: Path, reference: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The first hop drops the client's tickets from what it pushes: its honest next hop refuses every push
+    and tells the client (``PushRefused``), which carries the pair itself from the prompt on, without
+    waiting out the prompt's step deadline (60 s here) and without banning anyone."""
+    with LocalSwarm(tmp_path / "swarm", peer_threads=PEER_THREADS) as swarm:
+        swarm.start_bootstrap()
+        stripper, tail = _start(swarm, checkpoint, [((0, 3), "strip-tickets:"), ((3, 6), None)])
+        ids = _prompt(5)
+        expected = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        with DistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm.initial_peers, verify_rate=0.0,
+                                                         step_timeout_s=60.0) as model:
+            began = time.monotonic()
+            assert model.generate(ids, max_new_tokens=NEW_TOKENS).tolist() == expected.tolist()
+            assert time.monotonic() - began < 30, model.last_events  # told, not waited out
+            assert not [event for event in model.last_events if event.kind == "failure"], model.last_events
+            unlinked = [event for event in model.last_events if event.kind == "unlink"]
+            assert [event.peer_id for event in unlinked] == [_id(stripper)], model.last_events
+            assert "refused its previous hop's push" in unlinked[0].reason
+            assert _id(tail) not in model.bans.banned()

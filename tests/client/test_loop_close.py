@@ -70,3 +70,21 @@ def test_a_call_past_its_own_timeout_still_times_out() -> None:
         assert loop.run(asyncio.sleep(0, result=7), timeout_s=2) == 7
     finally:
         loop.close()
+
+
+def test_work_that_raises_timeout_error_raises_it_at_once() -> None:
+    """A TimeoutError of the work itself (a DHT backstop, a file lock) is its result, not a poll to repeat."""
+    loop = LoopThread()
+
+    async def times_out() -> None:
+        raise TimeoutError("the work's own")
+
+    try:
+        began = time.monotonic()
+        with pytest.raises(TimeoutError, match="the work's own"):
+            loop.run(times_out())
+        with pytest.raises(TimeoutError, match="the work's own"):
+            loop.run(times_out(), timeout_s=30)
+        assert time.monotonic() - began < 2
+    finally:
+        loop.close()

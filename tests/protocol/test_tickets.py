@@ -7,7 +7,7 @@ import torch
 
 from brigade.protocol import brigade_pb2 as pb
 from brigade.protocol.tensors import encode
-from brigade.protocol.tickets import MAX_TICKETS, TicketError, check_ticket, new_push_key, ticket
+from brigade.protocol.tickets import MAX_TICKETS, TicketError, check_ticket, new_push_key, run_tickets, ticket
 
 SESSION = "receiver-session"
 
@@ -53,3 +53,24 @@ def test_a_push_needs_its_clients_ticket_for_exactly_its_step() -> None:
     flood.tickets.extend(ticket(key, f"s{index}", 7, 10, 4) for index in range(MAX_TICKETS))
     with pytest.raises(TicketError, match="at most"):
         check_ticket(key, SESSION, flood, 4, None)
+
+
+def test_a_hop_cannot_strip_or_alter_a_later_hops_ticket_without_its_own_next_hop_refusing() -> None:
+    """Three receivers B, C, D of one run: each tag covers the tickets after it (``run_tickets``)."""
+    keys = {name: new_push_key() for name in ("session-b", "session-c", "session-d")}
+
+    def step_with(tickets: list[pb.PushTicket]) -> pb.Step:
+        return pb.Step(hidden=encode(torch.ones(1, 4, 4)), start_position=10, step_id=7, step_positions=4,
+                       tickets=tickets)
+
+    tickets = run_tickets([(key, name) for name, key in keys.items()], 7, 10, 4)
+    for name, key in keys.items():  # each receiver of the untouched step takes it
+        check_ticket(key, name, step_with(tickets), 4, None)
+    stripped = [tickets[0], tickets[1]]  # the first hop drops D's ticket
+    with pytest.raises(TicketError, match="not this session's client's"):
+        check_ticket(keys["session-b"], "session-b", step_with(stripped), 4, None)  # B refuses the first hop
+    altered = [tickets[0], tickets[1], pb.PushTicket(session_id="session-d", step_start=10, tag=bytes(32))]
+    with pytest.raises(TicketError, match="not this session's client's"):
+        check_ticket(keys["session-b"], "session-b", step_with(altered), 4, None)
+    with pytest.raises(TicketError, match="not this session's client's"):
+        check_ticket(keys["session-c"], "session-c", step_with(altered), 4, None)

@@ -126,6 +126,7 @@ class RunOutcome:
     last_output: torch.Tensor  # [1, H] of the last step
     step_s: list[float] = field(default_factory=list)
     positions: int = 0  # per hop
+    events: list = field(default_factory=list)  # the session's FailoverEvents
 
 
 async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, route: list[str], tokens: torch.Tensor,
@@ -176,5 +177,5 @@ async def run_session(model: DistributedModelForCausalLM, swarm: CheatSwarm, rou
         route=opened, cheater=cheater, caught_window=caught, reports=list(standing.reports),
         results=list(verifier.results) if verifier else [], stats=verifier.stats if verifier else VerificationStats(),
         final_route=final_route, last_output=output[:, -1],
-        step_s=step_s, positions=prompt + len(step_s),
+        step_s=step_s, positions=prompt + len(step_s), events=list(session.events),
     )

@@ -29,6 +29,8 @@ computes, signs and pushes honestly, then after its first one-position push at p
 later makes up a newer step (step id + 1) over every position so far: random hidden states at the
 RMS of its outputs, validly signed, the client's tickets copied. Its next hop's cache is rewritten
 under a result the client cannot use, and the client's real next step continues where it ends.
+``strip-tickets:`` computes, signs and pushes honestly but drops the client's tickets from every
+push: its next hop refuses each one.
 ``LocalSwarm.add_peer(entry=evil_entry(...))`` starts one.
 """
 
@@ -243,6 +245,18 @@ def _make_up_steps(after: int) -> None:
     Forwarder.send = send_and_make_up  # type: ignore[method-assign]
 
 
+def _strip_tickets() -> None:
+    from brigade.peer.forwarding import Forwarder
+
+    honest_send = Forwarder.send
+
+    async def send_without_tickets(self: Forwarder, step) -> None:  # type: ignore[no-untyped-def]
+        del step.tickets[:]
+        await honest_send(self, step)
+
+    Forwarder.send = send_without_tickets  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--cheat":
         raise SystemExit("usage: brigade_evil_peer.py --cheat KIND:VALUE <brigade arguments> (see the docstring)")
@@ -273,10 +287,12 @@ def main(argv: list[str]) -> None:
         _push_other_bytes(float(value), resign=kind == "push-other")
     elif kind == "made-up-step":
         _make_up_steps(int(value))
+    elif kind == "strip-tickets":
+        _strip_tickets()
     else:
         raise SystemExit(f"unknown cheat {argv[1]!r}: expected noise:S, skip:K, lie:S, rope:K, refuse:invalid|range, "
                          "crash:, short-history:K, shift-attestation:K, refuse-history:, frame-upstream:, no-push:, "
-                         "push-other:S, push-unsigned:S or made-up-step:K")
+                         "push-other:S, push-unsigned:S, made-up-step:P or strip-tickets:")
     app(args=argv[2:], prog_name="brigade")
 
 
