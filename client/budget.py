@@ -15,7 +15,7 @@ class Budget:
     """Attempts and seconds left for recovering; ``spend`` raises ``RecoveryExhaustedError`` (from the last
     failure) once out.
 
-    The seconds count from the first failure (or from the start of building a route), not from the start of
+    The seconds count from the first failure, not from the start of
     the work: a hop that hangs is noticed only at its deadline, which for a long prefill (the step deadline,
     120 s) is longer than the whole budget (60 s). Counting from the start would let one hung or silent
     peer end the user's generation on the spot instead of being routed around. Each wait is bounded by its

@@ -53,8 +53,10 @@ class LoopThread:
                         raise ClientClosedError("the client was closed while this call waited") from None
                     raise
                 except TimeoutError:
-                    if future.done() or (deadline is not None and time.monotonic() >= deadline):
-                        raise  # the work's own TimeoutError, or this call's deadline
+                    if future.done():  # the work's own TimeoutError, or it finished just after the poll
+                        return future.result()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
                     if self._stopped:  # the loop stopped (or would not answer close()) under this call
                         raise ClientClosedError("the client was closed while this call waited") from None
         except BaseException:

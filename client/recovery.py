@@ -261,19 +261,22 @@ class RouteRepair:
         self, start: int, end: int, history: torch.Tensor | None, budget: Budget
     ) -> list[HopStream]:
         fresh = False
-        budget.start()  # building a route is recovery (or the first open): its waits count from here
+        # Its waits for coverage are bounded from here; the budget's own clock starts only at a failure
+        # (a migration builds a route with nothing failed, and the step may still meet a hung hop).
+        ends_at = time.monotonic() + budget.remaining_s()
         while True:
             try:
-                wait_s = max(0.0, min(self.config.route_wait_s, budget.remaining_s()))
+                wait_s = max(0.0, min(self.config.route_wait_s, ends_at - time.monotonic()))
                 return await self._build_chain(start, end, history, self.standing.excluded, fresh, wait_s)
             except HopFailure as failure:
                 budget.spend(failure)
                 self.events.append(self._note_failure(failure, 0.0))
             except MissingLayersError:
                 # route() already waited for coverage; give up with this error, which names the layers.
-                if budget.remaining_s() <= 0:
+                left = min(ends_at, time.monotonic() + budget.remaining_s()) - time.monotonic()
+                if left <= 0:
                     raise
-                await asyncio.sleep(min(0.5, budget.remaining_s()))
+                await asyncio.sleep(min(0.5, left))
             fresh = True  # something changed: read the DHT again rather than a cached view
 
     async def _build_chain(

@@ -205,7 +205,7 @@ class Step(FrozenModel):
         if values and (min(values) < 1 or max(values) > max_length):
             raise InvalidRequestError(f"rope_lengths must lie in [1, {max_length}], the session's max_length")
         tickets = tuple(message.tickets)
-        if len(tickets) > MAX_TICKETS or any(len(entry.session_id) > 64 or len(entry.tag) > 32 for entry in tickets):
+        if len(tickets) > MAX_TICKETS or any(len(entry.session_id) > 64 or len(entry.tag) != 32 for entry in tickets):
             raise InvalidRequestError(f"a step carries at most {MAX_TICKETS} tickets, each of one session id "
                                       "and a 32-byte tag")
         return cls(hidden=hidden, start_position=message.start_position, step_id=message.step_id,

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from brigade.protocol import brigade_pb2 as pb
 
 PUSH_KEY_BYTES = 32
+TAG_BYTES = 32
 MAX_TICKETS = 64  # per step: one per later hop of a run; a route is never this long
 
 
@@ -50,9 +51,9 @@ def chain_digest(entries: Sequence[pb.PushTicket]) -> bytes:
     if not entries:
         return b""
     digest = hashlib.sha256()
-    for entry in entries:
-        digest.update(struct.pack("!HI", len(entry.session_id), entry.step_start) + entry.session_id.encode())
-        digest.update(entry.tag)
+    for entry in entries:  # every field length-prefixed: no two lists of tickets hash alike
+        session = entry.session_id.encode()
+        digest.update(struct.pack("!III", len(session), entry.step_start, len(entry.tag)) + session + entry.tag)
     return digest.digest()
 
 
@@ -84,6 +85,8 @@ def check_ticket(key: bytes, session_id: str, step: pb.Step, positions: int, las
     """
     if len(step.tickets) > MAX_TICKETS:
         raise TicketError(f"a step carries at most {MAX_TICKETS} tickets")
+    if any(len(entry.tag) != TAG_BYTES or len(entry.session_id) > 64 for entry in step.tickets):
+        raise TicketError(f"a ticket is one session id of at most 64 characters and a {TAG_BYTES}-byte tag")
     mine = [index for index, entry in enumerate(step.tickets) if entry.session_id == session_id]
     if len(mine) != 1:
         raise TicketError("the push carries no ticket of this session's client" if not mine else

@@ -88,8 +88,8 @@ def test_whatever_is_wrong_with_a_push_is_refused_as_the_pushers_not_posted_to_t
 
     fine = session()
     assert take_push(fine, push(), TensorLimits(), 4).positions == 2 and fine.last_push == (1, 2)
-    foreign = push()
-    foreign.tickets.append(pb.PushTicket(session_id="x" * 65, tag=bytes(32)))  # another hop's, malformed
+    foreign = push()  # another hop's ticket, malformed, before the receiver's own (outside what its tag covers)
+    foreign.tickets.insert(0, pb.PushTicket(session_id="x" * 65, tag=bytes(32)))
     made_up = push(step_id=2)
     made_up.step_id = 3  # under step 2's ticket
     for bad in (push(width=5), push(rope_lengths=[1, 99]), foreign, made_up, push(positions=65)):

@@ -74,3 +74,19 @@ def test_a_hop_cannot_strip_or_alter_a_later_hops_ticket_without_its_own_next_ho
         check_ticket(keys["session-b"], "session-b", step_with(altered), 4, None)
     with pytest.raises(TicketError, match="not this session's client's"):
         check_ticket(keys["session-c"], "session-c", step_with(altered), 4, None)
+
+
+def test_ticket_lists_cannot_be_re_split_into_one_that_hashes_alike() -> None:
+    """A later ticket split into two (its tag's bytes moved into a second, empty-named ticket) must not
+    keep the earlier hop's tag valid: every field of the chain is length-prefixed, and odd tags refused."""
+    from brigade.protocol.tickets import chain_digest
+
+    later = pb.PushTicket(session_id="session-c", step_start=10, tag=bytes(range(32)))
+    split = [pb.PushTicket(session_id="session-c", step_start=10, tag=later.tag[:4]),
+             pb.PushTicket(session_id="", step_start=int.from_bytes(later.tag[6:10], "big"), tag=later.tag[10:])]
+    assert chain_digest([later]) != chain_digest(split)
+    key = new_push_key()
+    step = pb.Step(hidden=encode(torch.ones(1, 4, 4)), start_position=10, step_id=7, step_positions=4,
+                   tickets=[ticket(key, SESSION, 7, 10, 4, chain_digest(split)), *split])
+    with pytest.raises(TicketError, match="32-byte tag"):
+        check_ticket(key, SESSION, step, 4, None)
