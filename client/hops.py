@@ -271,8 +271,7 @@ class HopStream:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # this reader is being stopped (the hop closed)
-            # gRPC's read of a call cancelled under it (a send that timed out cancels the whole call):
-            # every later wait on this hop fails at once instead of waiting out its deadline.
+            # gRPC's read of a call cancelled under it (a timed-out send cancels the call): fail waits at once.
             self._end(_Ended(HopFailure(self.hop, "its stream was cancelled")))
         except BaseException as error:  # a broken connection
             self._end(_Ended(error))
