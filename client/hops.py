@@ -237,9 +237,8 @@ class HopStream:
                 raise
             raise failure from error
         stream = cls(hop=hop, session_id=session_id, call=call, swarm=swarm, batch_size=batch_size,
-                     max_length=max_length, forwards=next_hop is not None,
-                     receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id,
-                     push_key=push_key)
+                     max_length=max_length, forwards=next_hop is not None, push_key=push_key,
+                     receives_push=bool(upstream_peer_id), session_next=next_hop, session_upstream=upstream_peer_id)
         stream.inputs.complete = not upstream_peer_id  # pushed inputs are the previous peer's, not logged here
         stream._reader = asyncio.create_task(stream._read_answers(), name=f"hop-{session_id}")
         return stream
