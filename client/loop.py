@@ -68,10 +68,11 @@ class LoopThread:
         if self._loop.is_closed():
             return
         self._closing = True
-        try:
-            asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(CANCEL_WAIT_S + 1.0)
-        except Exception:  # a loop that does not answer (blocked): stopped below all the same
-            pass
+        if self._thread.is_alive() and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(CANCEL_WAIT_S + 1.0)
+            except Exception:  # a loop that does not answer (blocked): stopped below all the same
+                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         self._stopped = True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from brigade_api_testkit import build_chat_tokenizer
 from brigade_testkit import build_checkpoint, build_model
 
 from brigade.deploy.testbed import Testbed, TestbedConfig, namespaces_available, sweep_stale
@@ -38,7 +39,11 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(tmp_path_factory.mktemp("testbed") / "tiny-llama", "llama", seed=5)
+    folder = build_checkpoint(tmp_path_factory.mktemp("testbed") / "tiny-llama", "llama", seed=5)
+    # `brigade.deploy.testbed run` tokenizes its text prompt: without a tokenizer its client fails at once,
+    # and a run that ended before the Ctrl-C test's signal exits 1, not 130 (seen on transformers 5.25).
+    build_chat_tokenizer(folder)
+    return folder
 
 
 def _run_namespaces(run_id: str) -> list[str]:
