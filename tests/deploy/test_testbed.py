@@ -41,7 +41,7 @@ NEW_TOKENS = 10
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = build_checkpoint(tmp_path_factory.mktemp("testbed") / "tiny-llama", "llama", seed=5)
     # `brigade.deploy.testbed run` tokenizes its text prompt: without a tokenizer its client fails at once,
-    # and a run that ended before the Ctrl-C test's signal exits 1, not 130 (seen on transformers 5.25).
+    # and a run that ended before the Ctrl-C test's signal exits 1, not 130.
     build_chat_tokenizer(folder)
     return folder
 
@@ -100,8 +100,10 @@ def _start_cli(checkpoint: Path, output: Path | None = None) -> tuple[subprocess
     """
     with open(output or os.devnull, "wb") as sink:
         process = subprocess.Popen(
+            # 480 new tokens (the model has 512 positions): a run long enough to be interrupted, never over
+            # before the Ctrl-C test's signal lands (32 tokens were, on a quiet machine).
             [sys.executable, "-m", "brigade.deploy.testbed", "run", str(checkpoint), "--peers", "2", "--profile",
-             "lan"], stdout=sink, stderr=subprocess.STDOUT,
+             "lan", "--new-tokens", "480"], stdout=sink, stderr=subprocess.STDOUT,
         )
     prefix = f"{PREFIX}{process.pid}-"
     deadline = time.monotonic() + 60
