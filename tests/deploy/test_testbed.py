@@ -125,6 +125,10 @@ def test_ctrl_c_tears_everything_down(checkpoint: Path, tmp_path: Path) -> None:
     process, run_id, inside = _start_cli(checkpoint, output)
     # A Ctrl-C that lands in the few milliseconds a start-up step defers signals can be lost (seen once
     # under heavy load; see the closing note): a user presses again, and so does this test.
+    ready_by = time.monotonic() + 60  # pressed once the peers are up and the client starts, not in a start-up step
+    while " ready: " not in output.read_text(errors="replace") and time.monotonic() < ready_by:
+        time.sleep(0.1)
+    time.sleep(0.5)
     for _ in range(12):
         process.send_signal(signal.SIGINT)
         try:
